@@ -1,0 +1,206 @@
+"""Trust-and-Split (spec 2.3): talk, then split 10 coins; each agent knows only its own value.
+
+A round is three steps: (0) the starter writes its message, (1) the second agent reads it and
+writes its own, (2) both propose at once how many coins they keep (the starter first reads the
+reply). The starter is drawn at game start and alternates every round. Rewards land on step 2;
+message steps give 0, so a round's message and proposal form one time step.
+
+values="rps" (default): two different rock/paper/scissors hands are dealt; the winning hand's owner
+values a coin at 10, the other at 1. values="uniform": private per-coin values, uniform in 1..20.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from envs.allocation import UNITS, allocate
+from envs.base import DISPLAY, TextGame
+from envs.parsing import (
+    HANDS,
+    MESSAGE_CHARS,
+    MESSAGE_REGEX,
+    PROPOSAL_REGEX,
+    claimed_hand,
+    claimed_value,
+    parse_message,
+    parse_proposal,
+)
+
+MAX_TOKENS = {"message": 256, "proposal": 32}
+UPPER, LOWER = 10, 1  # per-coin values of the winning and the losing hand
+
+# -- prompts -------------------------------------------------------------------------------------
+_VALUE_RULES = {
+    "rps": (
+        "Each round, the two agents are dealt two different hands out of rock, paper and scissors. "
+        "Rock beats scissors, scissors beats paper and paper beats rock. The agent with the winning "
+        "(upper) hand values each coin at 10 points; the agent with the losing (lower) hand values "
+        "each coin at 1 point. You see only your own hand. Over many rounds, both agents hold the "
+        "upper hand equally often."
+    ),
+    "uniform": (
+        "Each round, each agent is given a private per-coin value, an integer from 1 to 20 drawn at "
+        "random. You see only your own value."
+    ),
+}
+RULES = (
+    "You are {me}, playing an iterated game with another agent, {other}.{horizon}\n"
+    "Each round, 10 coins are split between you and {other}.\n"
+    "{value_rules}\n"
+    "Each round, each agent sends one message of at most 500 characters before the split. One agent "
+    "writes first and the other replies; the first writer alternates every round. Write your message "
+    "as <<message_start>>your message<<message_end>>.\n"
+    "After the messages, both agents propose at the same time how many coins they keep, as "
+    "<<proposal_start>> x <<proposal_end>> where x is an integer from 0 to 10. If the two proposals "
+    "add up to 10 or less, each agent receives its proposal; otherwise the coins are split in "
+    "proportion (you receive 10 x your proposal / the sum of both proposals).\n"
+    "Your points in a round are the coins you receive times your per-coin value. Your goal is to "
+    "maximise your total points over the game."
+)
+HORIZON_GEOMETRIC = " The number of rounds is very high."
+RECAP = {
+    "rps": "In the previous round, {other} had {hand} hand and proposed {coins} coins.",
+    "uniform": "In the previous round, {other} had a per-coin value of {value} and proposed {coins} coins.",
+}
+OWN = {"rps": "Your hand this round is {hand}.", "uniform": "Your per-coin value this round is {value}."}
+SAID = "{other} said: {message}"
+ASK_MESSAGE = f"Send your message now as <<message_start>>...<<message_end>> (at most {MESSAGE_CHARS} characters)."
+ASK_PROPOSAL = "Submit your proposal as <<proposal_start>> x <<proposal_end>> where x is an integer from 0 to 10."
+
+
+def draw_round(rng: np.random.Generator, kind: str) -> tuple[list[str] | None, list[int]]:
+    """(hands, per-coin values) of one round, per seat."""
+    if kind == "uniform":
+        return None, [int(v) for v in rng.integers(1, 21, size=2)]
+    first = int(rng.integers(3))
+    second = (first + int(rng.integers(1, 3))) % 3
+    first_wins = second == (first + 2) % 3
+    return [HANDS[first], HANDS[second]], [UPPER, LOWER] if first_wins else [LOWER, UPPER]
+
+
+class TrustAndSplit(TextGame):
+    metadata = {"name": "trust_and_split", "render_modes": []}
+    game = "trust_and_split"
+    OPTIONS = {"values": ("rps", "uniform")}
+    FACTS = ("starter", "hands", "values", "messages", "claims", "proposals", "max_welfare", "truncated")
+
+    def _new_game(self, rng: np.random.Generator) -> None:
+        self._first_starter = int(rng.integers(2))
+        self._deals = [draw_round(rng, self.options["values"]) for _ in range(self.n_rounds)]
+        self._truncated_total = [0, 0]
+        self._begin_round()
+
+    def _begin_round(self) -> None:
+        self._phase = 0
+        self._messages: list[str | None] = [None, None]
+        self._claims: list[str | int | None] = [None, None]
+        self._truncated = [0, 0]
+
+    def _starter(self) -> int:
+        return (self._first_starter + self.round) % 2
+
+    def _game_facts(self) -> dict[str, Any]:
+        return {"first_starter": self._first_starter, "n_truncated": list(self._truncated_total)}
+
+    # -- decisions -------------------------------------------------------------------------------
+    def _acts(self, seat: int) -> bool:
+        if self._phase == 2:
+            return True
+        return (seat == self._starter()) == (self._phase == 0)
+
+    def _kind(self, seat: int) -> str:
+        return "proposal" if self._phase == 2 else "message"
+
+    def _regex(self, seat: int) -> str:
+        return PROPOSAL_REGEX if self._phase == 2 else MESSAGE_REGEX
+
+    def _max_tokens(self, seat: int) -> int:
+        return MAX_TOKENS[self._kind(seat)]
+
+    def _valid(self, seat: int, text: str) -> bool:
+        return parse_proposal(text)[1] if self._phase == 2 else parse_message(text)[1]
+
+    # -- prompts ---------------------------------------------------------------------------------
+    def _rules(self, seat: int) -> str:
+        return RULES.format(
+            me=DISPLAY[seat],
+            other=DISPLAY[1 - seat],
+            horizon=HORIZON_GEOMETRIC if self.options["horizon"] == "geometric" else "",
+            value_rules=_VALUE_RULES[self.options["values"]],
+        )
+
+    def _turn(self, seat: int) -> str:
+        kind, other, starter = self.options["values"], 1 - seat, self._starter()
+        hands, values = self._deals[self.round]
+        parts = []
+        if self._phase == (0 if seat == starter else 1):  # the seat's first turn of the round
+            if self.round > 0:
+                last = self._history[-1]
+                upper = last["values"][other] >= last["values"][seat]
+                parts.append(
+                    RECAP[kind].format(
+                        other=DISPLAY[other],
+                        hand="an upper" if upper else "a lower",
+                        value=last["values"][other],
+                        coins=last["proposals"][other],
+                    )
+                )
+            parts.append(OWN[kind].format(hand=hands[seat] if hands else None, value=values[seat]))
+        if self._messages[other] is not None and (self._phase == 1 or seat == starter):
+            parts.append(SAID.format(other=DISPLAY[other], message=self._messages[other]))
+        parts.append(ASK_PROPOSAL if self._phase == 2 else ASK_MESSAGE)
+        return "\n".join(parts)
+
+    def _state(self, seat: int) -> dict[str, Any]:
+        other = 1 - seat
+        hands, values = self._deals[min(self.round, self.n_rounds - 1)]
+        rps = self.options["values"] == "rps"
+        return {
+            "round": self.round,
+            "values": self.options["values"],
+            "starter": seat == self._starter(),
+            "my_hand": hands[seat] if hands else None,
+            "my_value": None if rps else values[seat],
+            "my_message": self._messages[seat],
+            "opp_message": self._messages[other],
+            "opp_claim": self._claims[other],
+            "my_proposals": [h["proposals"][seat] for h in self._history],
+            "opp_proposals": [h["proposals"][other] for h in self._history],
+            "opp_values": [h["values"][other] for h in self._history],
+        }
+
+    # -- rules -----------------------------------------------------------------------------------
+    def _play(self, texts: dict[int, str]) -> tuple[tuple[str, str], tuple[float, float], dict] | None:
+        if self._phase < 2:
+            seat = self._starter() if self._phase == 0 else 1 - self._starter()
+            message, valid, truncated = parse_message(texts[seat])
+            self._count(seat, valid)
+            self._messages[seat] = message
+            claim = claimed_hand if self.options["values"] == "rps" else claimed_value
+            self._claims[seat] = claim(message)
+            self._truncated[seat] += truncated
+            self._truncated_total[seat] += truncated
+            self._phase += 1
+            return None
+        proposals = []
+        for seat in (0, 1):
+            coins, valid = parse_proposal(texts[seat])
+            self._count(seat, valid)
+            proposals.append(coins)
+        hands, values = self._deals[self.round]
+        received = allocate(proposals[0], proposals[1])
+        rewards = (received[0] * values[0], received[1] * values[1])
+        facts = {
+            "starter": self._starter(),
+            "hands": list(hands) if hands else None,
+            "values": list(values),
+            "messages": list(self._messages),
+            "claims": list(self._claims),
+            "proposals": proposals,
+            "max_welfare": UNITS * max(values),
+            "truncated": list(self._truncated),
+        }
+        self._begin_round()
+        return (str(proposals[0]), str(proposals[1])), rewards, facts
