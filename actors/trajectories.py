@@ -40,7 +40,8 @@ SCHEMA = pa.schema(
         pa.field("logprobs", pa.list_(pa.float32())),
         pa.field("token_round", pa.list_(pa.int8())),
         pa.field("token_version", pa.list_(pa.int32())),
-        pa.field("guided", pa.list_(pa.bool_())),  # per generated round: was the accepted sample guided
+        pa.field("guided", pa.list_(pa.bool_())),  # per decision, in order: was the accepted sample guided
+        pa.field("decision_regex", pa.list_(pa.string())),  # per decision: its guided regex ("" if unguided)
         pa.field("rewards", pa.list_(pa.float32())),  # per round
         pa.field("actions", pa.list_(pa.string())),  # canonical parsed action per round
         pa.field("info_json", pa.string()),  # game-level structured info (values, hands, ...)
@@ -80,6 +81,7 @@ class SeatTrajectory:
     token_round: list[int] = field(default_factory=list)
     token_version: list[int] = field(default_factory=list)
     guided: list[bool] = field(default_factory=list)
+    decision_regex: list[str] = field(default_factory=list)
     rewards: list[float] = field(default_factory=list)
     actions: list[str] = field(default_factory=list)
     info_json: str = "{}"
@@ -143,6 +145,9 @@ def validate(batch: pa.RecordBatch | pa.Table) -> None:
     if not np.array_equal(n_rounds, n_actions):
         row = int(np.flatnonzero(n_rounds != n_actions)[0])
         raise SchemaError(f"row {row}: {n_rounds[row]} rewards but {n_actions[row]} actions")
+    n_guided = np.diff(_offsets(batch.column("guided")))
+    if not np.array_equal(n_guided, np.diff(_offsets(batch.column("decision_regex")))):
+        raise SchemaError("guided and decision_regex are not aligned (one of each per decision)")
     token_round = _values(batch.column("token_round"))
     if token_round.size:
         ends = np.repeat(n_rounds, lens["token_round"])

@@ -1,0 +1,203 @@
+"""Typed run configuration (pydantic). A YAML file plus `key.sub=value` overrides; anything
+malformed fails before a process starts, with one line naming the key and the problem."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A malformed config file or override (one line: key and problem)."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Game(Section):
+    name: Literal["ipd", "split_nocomm", "trust_and_split"] = "ipd"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class Model(Section):
+    path: str = "models/smollm2-135m-instruct"
+    max_model_len: int = Field(2048, ge=256)
+
+
+class Lora(Section):
+    r: Literal[1, 8, 16, 32, 64, 128, 256] = 8
+    alpha: float = Field(16.0, gt=0)
+    target_modules: str | list[str] = "all-linear"
+
+
+class Method(Section):
+    name: Literal["naive", "sum", "aa"] = "aa"
+    beta: float = Field(0.5, ge=0)
+    gamma: float = Field(0.9, ge=0, le=1)
+    discount: float = Field(0.9, ge=0, le=1)
+    reward_normaliser: float = Field(5.0, gt=0)
+    entropy_coef: float = Field(0.0, ge=0)
+    kl_coef: float = Field(0.0, ge=0)
+
+
+class Rollout(Section):
+    workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, ge=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    games_per_iteration: int = Field(32, ge=2)
+    seed_group_size: int = Field(1, ge=1)
+    baseline: Literal["batch", "seed_group"] = "batch"  # IPD: whole batch of a seat label is one group
+    concurrency: int = Field(64, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    max_tokens: int = Field(0, ge=0)  # 0: the game's own hint per decision
+    free_samples: int = Field(0, ge=0)  # 0: always guided (right for SmolLM2)
+    max_loras: int = Field(4, ge=1)
+    kv_cache_gib: float = Field(2.0, gt=0)
+    probe_tolerance: float = Field(0.1, gt=0)
+
+    @model_validator(mode="after")
+    def _groups_divide(self) -> Rollout:
+        if self.games_per_iteration % self.seed_group_size:
+            raise ValueError("games_per_iteration must be a multiple of seed_group_size")
+        return self
+
+
+class Buffer(Section):
+    enabled: bool = True
+    snapshot_every: int = Field(10, ge=1)
+    resident_max: int = Field(28, ge=1)
+    p_snapshot: float = Field(0.5, ge=0, le=1)
+
+
+class Learner(Section):
+    ranks: int = Field(1, ge=1)
+    cpus_per_rank: float = Field(1.0, ge=0)
+    gpus_per_rank: float = Field(0.0, ge=0)
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    dtype: Literal["bf16", "fp32"] = "bf16"
+    lr: float = Field(1e-4, gt=0)
+    micro_batch_tokens: int = Field(8192, ge=64)
+    grad_clip: float = Field(1.0, gt=0)
+
+
+class Evaluation(Section):
+    every: int = Field(0, ge=0)  # 0: never during training
+    opponents: list[str] = Field(default_factory=lambda: ["scripted:always_defect", "scripted:always_cooperate"])
+    games: int = Field(32, ge=1)
+
+
+class Tracking(Section):
+    uri: str | None = None  # None: sqlite:///<abs runs dir>/mlflow.db
+    experiment: str = "reciprocity"
+    system_metrics: bool = True
+
+
+class Checkpoint(Section):
+    every: int = Field(5, ge=0)  # 0: only at the end
+    keep: int = Field(3, ge=1)
+
+
+class Config(Section):
+    run_name: str = "run"
+    seed: int = 0
+    iterations: int = Field(10, ge=1)
+    mode: Literal["sync", "async"] = "sync"
+    max_staleness: int = Field(1, ge=0)
+    runs_dir: str = "runs"
+    game: Game = Field(default_factory=Game)
+    model: Model = Field(default_factory=Model)
+    lora: Lora = Field(default_factory=Lora)
+    method: Method = Field(default_factory=Method)
+    rollout: Rollout = Field(default_factory=Rollout)
+    buffer: Buffer = Field(default_factory=Buffer)
+    learner: Learner = Field(default_factory=Learner)
+    evaluation: Evaluation = Field(default_factory=Evaluation)
+    tracking: Tracking = Field(default_factory=Tracking)
+    checkpoint: Checkpoint = Field(default_factory=Checkpoint)
+
+    @field_validator("run_name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not v or not all(c.isalnum() or c in "-_." for c in v):
+            raise ValueError("run_name may only hold letters, digits, '-', '_' and '.'")
+        return v
+
+    def fingerprint(self) -> str:
+        """What a checkpoint must match to be resumed: everything but bookkeeping fields."""
+        d = self.model_dump(exclude={"iterations": True, "tracking": True, "checkpoint": True, "evaluation": True})
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def flat(self) -> dict[str, str]:
+        """Flattened `a.b.c -> value` view (MLflow params)."""
+        out: dict[str, str] = {}
+
+        def walk(prefix: str, obj: Any) -> None:
+            if isinstance(obj, dict):
+                for k, v in obj.items():
+                    walk(f"{prefix}.{k}" if prefix else k, v)
+            else:
+                out[prefix] = json.dumps(obj) if isinstance(obj, list) else str(obj)
+
+        walk("", self.model_dump())
+        return out
+
+
+def _one_line(e: ValidationError) -> str:
+    err = e.errors()[0]
+    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    more = f" (+{len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+    return f"{key}: {msg}{more}"
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """`a.b=value` sets data['a']['b'] to the YAML-parsed value."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r}: expected key.sub=value")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {override!r}: empty key")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}: value is not valid YAML: {e}") from None
+    node = data
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {p} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}:{where} malformed YAML: {getattr(e, 'problem', e)}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    for o in overrides:
+        apply_override(data, o)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{path or 'config'}: {_one_line(e)}") from None

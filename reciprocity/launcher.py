@@ -1,0 +1,87 @@
+"""All Ray plumbing in one place: ray.init, placement groups, actor options.
+
+Rollout workers go in a SPREAD placement group (one bundle per worker: its engine's CPUs/GPU), so
+adding nodes adds capacity without code changes; learner ranks go in a PACK group (one bundle per
+DeepSpeed rank) so that they sit together on GPU nodes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from reciprocity.config import Config
+
+WORKER_MAX_RESTARTS = 3
+PLACEMENT_TIMEOUT_S = 120.0
+
+# Environment every actor needs (MLflow URI, vLLM's CPU KV cache, no Ray usage stats).
+PASSED_ENV = ("MLFLOW_TRACKING_URI", "VLLM_CPU_KVCACHE_SPACE", "TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS",
+              "RAY_AUTH_MODE", "VLLM_LOGGING_LEVEL")
+
+
+def init_ray(address: str | None) -> None:
+    """Join a cluster (`address` given, or `auto`), else start a local Ray (the embedded default)."""
+    if ray.is_initialized():
+        return
+    env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
+    runtime_env: dict[str, Any] = {"env_vars": env}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, runtime_env=runtime_env,
+                 log_to_driver=True)
+
+
+def _ready(pg: PlacementGroup, what: str) -> PlacementGroup:
+    if not pg.wait(PLACEMENT_TIMEOUT_S):
+        raise RuntimeError(f"could not place {what} within {PLACEMENT_TIMEOUT_S:.0f}s: "
+                           f"cluster resources {ray.cluster_resources()}")
+    return pg
+
+
+def _bundle(cpus: float, gpus: float) -> dict[str, float]:
+    b = {"CPU": cpus}
+    if gpus:
+        b["GPU"] = gpus
+    return b
+
+
+@dataclass
+class Placement:
+    worker_pg: PlacementGroup
+    learner_pg: PlacementGroup
+
+    def worker_options(self, index: int, cfg: Config) -> dict[str, Any]:
+        return {
+            "num_cpus": cfg.rollout.cpus_per_worker,
+            "num_gpus": cfg.rollout.gpus_per_worker,
+            "max_restarts": WORKER_MAX_RESTARTS,
+            "max_task_retries": 0,  # a lost `run` is re-planned by the driver (game ids stay exact)
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(self.worker_pg, index),
+        }
+
+    def learner_options(self, rank: int, cfg: Config) -> dict[str, Any]:
+        return {
+            "num_cpus": cfg.learner.cpus_per_rank,
+            "num_gpus": cfg.learner.gpus_per_rank,
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(self.learner_pg, rank),
+        }
+
+
+def place(cfg: Config) -> Placement:
+    workers = placement_group([_bundle(cfg.rollout.cpus_per_worker, cfg.rollout.gpus_per_worker)]
+                              * cfg.rollout.workers, strategy="SPREAD", name=f"{cfg.run_name}-rollout")
+    learners = placement_group([_bundle(cfg.learner.cpus_per_rank, cfg.learner.gpus_per_rank)]
+                               * cfg.learner.ranks, strategy="PACK", name=f"{cfg.run_name}-learner")
+    return Placement(_ready(workers, "rollout workers"), _ready(learners, "learner ranks"))
+
+
+def node_of(actor: Any) -> str:
+    """The IP of the node an actor runs on (each actor class has a `node()` method)."""
+    return ray.get(actor.node.remote())

@@ -1,0 +1,88 @@
+"""MLflow tracking: one parent run per training run, metrics per iteration, artifacts.
+
+The tracking URI is always explicit (MLflow's default store is relative to the working directory,
+which under `ray job submit` is a temporary copy): `tracking.uri` from the config, else
+`$MLFLOW_TRACKING_URI`, else an absolute `sqlite:///<runs dir>/mlflow.db`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+
+from reciprocity.config import Config
+
+MAX_PARAMS_PER_BATCH = 100
+
+
+def tracking_uri(cfg: Config) -> str:
+    if cfg.tracking.uri:
+        return cfg.tracking.uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    runs = Path(cfg.runs_dir).absolute()
+    runs.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{runs / 'mlflow.db'}"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+class Tracker:
+    """Wraps one MLflow run (created, or re-opened on resume)."""
+
+    def __init__(self, cfg: Config, run_id: str | None = None, tags: Mapping[str, str] | None = None) -> None:
+        self.uri = tracking_uri(cfg)
+        os.environ["MLFLOW_TRACKING_URI"] = self.uri  # Ray actors and child processes inherit it
+        mlflow.set_tracking_uri(self.uri)
+        self.client = MlflowClient(self.uri)
+        exp = self.client.get_experiment_by_name(cfg.tracking.experiment)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(cfg.tracking.experiment)
+        if run_id is None:
+            run = mlflow.start_run(experiment_id=exp_id, run_name=cfg.run_name,
+                                   log_system_metrics=cfg.tracking.system_metrics)
+            self.run_id = run.info.run_id
+            params = [Param(k, v[:6000]) for k, v in cfg.flat().items()]
+            for i in range(0, len(params), MAX_PARAMS_PER_BATCH):
+                self.client.log_batch(self.run_id, params=params[i:i + MAX_PARAMS_PER_BATCH])
+            all_tags = {"git_commit": git_commit(), **(tags or {})}
+            for k, v in all_tags.items():
+                self.client.set_tag(self.run_id, k, v)
+        else:
+            mlflow.start_run(run_id=run_id, log_system_metrics=cfg.tracking.system_metrics)
+            self.run_id = run_id
+        self.experiment_id = exp_id
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
+        now = int(time.time() * 1000)
+        rows = [Metric(k, float(v), now, step) for k, v in metrics.items()
+                if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))]
+        for i in range(0, len(rows), 1000):
+            self.client.log_batch(self.run_id, metrics=rows[i:i + 1000])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_text(self, text: str, name: str) -> None:
+        self.client.log_text(self.run_id, text, name)
+
+    def set_tag(self, key: str, value: str) -> None:
+        self.client.set_tag(self.run_id, key, value)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        mlflow.end_run(status=status)

@@ -1,0 +1,33 @@
+"""Shared fixtures: the prepared SmolLM2 export and a tiny random Llama with its tokenizer."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_DIR = ROOT / "models" / "smollm2-135m-instruct"
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    """SmolLM2-135M-Instruct exported by `make model` (a test fails, not skips, without it)."""
+    from reciprocity.models import is_prepared
+
+    assert is_prepared(MODEL_DIR), "the model is not prepared: run `make model`"
+    return MODEL_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 2-layer Llama (hidden 64) with SmolLM2's tokenizer and chat template."""
+    from reciprocity.models import build_tiny
+
+    return build_tiny(model_dir, tmp_path_factory.mktemp("tiny") / "tiny-llama")
