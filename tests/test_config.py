@@ -1,0 +1,97 @@
+"""The typed config: every shipped config loads; malformed input names the key; overrides apply."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from reciprocity import checkpoint
+from reciprocity.config import Config, ConfigError, apply_override, load_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load(path: Path) -> None:
+    cfg = load_config(path)
+    assert cfg.rollout.games_per_iteration % cfg.rollout.seed_group_size == 0
+
+
+def test_spec_table_is_mirrored() -> None:
+    """The 7B configs carry the spec's section-4 table."""
+    root = CONFIGS[0].parent
+    aa = load_config(root / "ipd_aa.yaml")
+    assert (aa.method.beta, aa.method.gamma, aa.method.entropy_coef, aa.buffer.enabled) == (0.5, 0.9, 0.01, True)
+    assert aa.rollout.games_per_iteration == 128 and aa.learner.lr == 3e-6
+    split = load_config(root / "split_nocomm_aa.yaml")
+    assert (split.method.beta, split.method.kl_coef, split.rollout.seed_group_size) == (1.0, 0.001, 8)
+    tas = load_config(root / "trust_and_split_naive.yaml")
+    assert (tas.method.discount, tas.buffer.enabled, tas.method.reward_normaliser) == (0.96, False, 100.0)
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("method.beta=abc", "method.beta"),
+        ("methd.beta=1", "methd"),
+        ("method.name=greedy", "method.name"),
+        ("rollout.games_per_iteration=1", "rollout.games_per_iteration"),
+        ("lora.r=7", "lora.r"),
+        ("buffer.p_snapshot=1.5", "buffer.p_snapshot"),
+    ],
+)
+def test_bad_override_names_the_key(override: str, key: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    msg = str(e.value)
+    assert key in msg and "\n" not in msg
+
+
+def test_override_sets_nested_value() -> None:
+    cfg = load_config(None, ["method.beta=2.5", "game.options={n_rounds: 3}", "rollout.workers=3"])
+    assert cfg.method.beta == 2.5 and cfg.game.options == {"n_rounds": 3} and cfg.rollout.workers == 3
+
+
+def test_override_without_equals_is_refused() -> None:
+    data: dict = {}
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        apply_override(data, "method.beta")
+
+
+def test_malformed_yaml_names_the_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method:\n  beta: [1,\n")
+    with pytest.raises(ConfigError, match="malformed YAML"):
+        load_config(bad)
+
+
+def test_missing_file_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_groups_must_divide_games() -> None:
+    with pytest.raises(ConfigError, match="seed_group_size"):
+        load_config(None, ["rollout.games_per_iteration=10", "rollout.seed_group_size=4"])
+
+
+def test_fingerprint_ignores_bookkeeping_only() -> None:
+    a = Config()
+    assert a.fingerprint() == Config(iterations=99, checkpoint={"every": 7}).fingerprint()
+    assert a.fingerprint() != Config(method={"beta": 0.7}).fingerprint()
+
+
+def test_checkpoint_commit_is_atomic_and_refuses_other_config(tmp_path: Path) -> None:
+    cfg = Config()
+    for it in (2, 4, 6):
+        tmp = checkpoint.begin(tmp_path, it)
+        (tmp / "payload").write_text(str(it))
+        checkpoint.commit(tmp, checkpoint.State(it, it, "run", cfg.fingerprint(), {}), cfg, keep=2)
+    # a crash mid-write leaves a temp dir behind: it is never taken for a checkpoint
+    (checkpoint.begin(tmp_path, 8) / "payload").write_text("partial")
+    path, state = checkpoint.load(tmp_path, cfg)
+    assert state.iteration == 6 and (path / "payload").read_text() == "6"
+    assert sorted(p.name for p in checkpoint.checkpoints_dir(tmp_path).glob("it-*")) == ["it-000004", "it-000006"]
+    with pytest.raises(ConfigError, match="method.beta"):
+        checkpoint.load(tmp_path, Config(method={"beta": 0.9}))
