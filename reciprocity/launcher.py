@@ -26,9 +26,11 @@ PASSED_ENV = ("MLFLOW_TRACKING_URI", "VLLM_CPU_KVCACHE_SPACE", "TOKENIZERS_PARAL
 
 
 def init_ray(address: str | None) -> None:
-    """Join a cluster (`address` given, or `auto`), else start a local Ray (the embedded default)."""
+    """Join a cluster (`address` given, `auto`, or `$RAY_ADDRESS` set as inside `ray job submit`),
+    else start a local Ray (the embedded default)."""
     if ray.is_initialized():
         return
+    address = address or os.environ.get("RAY_ADDRESS") or None
     env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
     runtime_env: dict[str, Any] = {"env_vars": env}
     if address:
