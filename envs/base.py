@@ -23,7 +23,11 @@ DEFAULT_ROUNDS = 10
 CONTINUE_PROB = 0.85  # geometric horizon: probability of playing one more round
 GEOMETRIC_CAP = 30
 MAX_TEXT_CHARS = 100_000  # bound of the Text spaces (actions longer than this are still accepted)
-COMMON_OPTIONS: dict[str, tuple[Any, ...]] = {"horizon": ("fixed", "geometric"), "n_rounds": (None, "int >= 1")}
+COMMON_OPTIONS: dict[str, tuple[Any, ...]] = {
+    "horizon": ("fixed", "geometric"),
+    "n_rounds": (None, "int >= 1"),  # fixed: the length (default 10); geometric: the cap (default 30)
+    "length_seed": (None, "int >= 0"),  # geometric: seed of the length draw (default: the game's seed)
+}
 
 
 class EnvConfigError(ValueError):
@@ -41,9 +45,10 @@ def resolve_options(game: str, given: dict[str, Any], extra: dict[str, tuple[Any
         if options[key] not in values:
             allowed = ", ".join(map(str, values))
             raise EnvConfigError(f"invalid value {options[key]!r} for option {key!r} of {game}; valid: {allowed}")
-    n = options["n_rounds"]
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1):
-        raise EnvConfigError(f"invalid value {n!r} for option 'n_rounds' of {game}; valid: an int >= 1")
+    for key, low in (("n_rounds", 1), ("length_seed", 0)):
+        n = options[key]
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int | np.integer) or n < low):
+            raise EnvConfigError(f"invalid value {n!r} for option {key!r} of {game}; valid: an int >= {low}")
     return options
 
 
@@ -51,7 +56,8 @@ def draw_n_rounds(seed: int, horizon: str, n_rounds: int | None) -> int:
     """Game length: `n_rounds` (default 10), or geometric (continue w.p. 0.85, cap `n_rounds` or 30).
 
     The geometric draw uses its own stream of the seed so that the values of round t do not
-    depend on the horizon option.
+    depend on the horizon option. Give every game of an iteration the same seed here (the
+    `length_seed` option) to draw one length per iteration, as the predecessor paper does.
     """
     if horizon == "fixed":
         return int(n_rounds or DEFAULT_ROUNDS)
@@ -95,7 +101,10 @@ class TextGame(ParallelEnv):
         """Start a game. All randomness comes from `seed` (a fresh one when None). `options` is
         ignored: a game's options are fixed by `envs.make`."""
         self.game_seed = int(seed) if seed is not None else secrets.randbits(32)
-        self.n_rounds = draw_n_rounds(self.game_seed, self.options["horizon"], self.options["n_rounds"])
+        length_seed = self.options["length_seed"]
+        self.n_rounds = draw_n_rounds(
+            self.game_seed if length_seed is None else length_seed, self.options["horizon"], self.options["n_rounds"]
+        )
         self.round = 0
         self.agents = list(AGENTS)
         self._actions: list[list[str]] = [[], []]
@@ -106,7 +115,8 @@ class TextGame(ParallelEnv):
         self._history: list[dict[str, Any]] = []
         self._greeted = [False, False]
         self._new_game(np.random.default_rng(self.game_seed))
-        return self._observations(), self._infos(None)
+        acting = (self._acts(0), self._acts(1))
+        return self._observations(acting), self._infos(acting, None)
 
     def step(self, actions: dict[str, Any]) -> tuple[dict, dict, dict, dict, dict]:
         """Apply the acting agents' raw texts; any value is accepted (non-strings are str()-ed)."""
@@ -126,8 +136,9 @@ class TextGame(ParallelEnv):
             summary = self._end_round(*result)
             rewards = {agent: summary["rewards"][seat] for seat, agent in enumerate(AGENTS)}
         done = self.round >= self.n_rounds
-        observations = {agent: "" for agent in live} if done else self._observations()
-        infos = self._infos(summary)
+        acting = (False, False) if done else (self._acts(0), self._acts(1))
+        observations = self._observations(acting)
+        infos = self._infos(acting, summary)
         terminations = {agent: done for agent in live}
         truncations = {agent: False for agent in live}
         if done:
@@ -188,10 +199,10 @@ class TextGame(ParallelEnv):
         self.round += 1
         return summary
 
-    def _observations(self) -> dict[str, str]:
+    def _observations(self, acting: tuple[bool, bool]) -> dict[str, str]:
         out = {}
         for seat, agent in enumerate(AGENTS):
-            if not self._acts(seat):
+            if not acting[seat]:
                 out[agent] = ""
                 continue
             turn = self._turn(seat)
@@ -201,11 +212,10 @@ class TextGame(ParallelEnv):
             out[agent] = turn
         return out
 
-    def _infos(self, summary: dict | None) -> dict[str, dict[str, Any]]:
-        done = self.round >= self.n_rounds
+    def _infos(self, acting: tuple[bool, bool], summary: dict | None) -> dict[str, dict[str, Any]]:
         infos = {}
         for seat, agent in enumerate(AGENTS):
-            acts = not done and self._acts(seat)
+            acts = acting[seat]
             info: dict[str, Any] = {
                 "acts": acts,
                 "round": self.round,

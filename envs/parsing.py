@@ -8,9 +8,8 @@ the text was valid. What counts as valid (spec section 2; choices marked (ours) 
   `<n> balls` (n in 0..10, first match per item); unmentioned items are 0; no `Proposal:` or no item
   at all -> all 0, invalid.
 - Trust-and-Split message: the last `<<message_start>>...<<message_end>>` pair with no message tag
-  inside; the content is
-  stripped and cut to 500 characters (counted). Without the pair the message is invalid and the
-  whole text, tags removed, is delivered instead (ours).
+  inside; the content is stripped and cut to 500 characters (counted, still valid). Without the
+  pair the message is invalid and the whole text, tags removed, is delivered instead (ours).
 - Trust-and-Split proposal: the last `<<proposal_start>> x <<proposal_end>>` with x in 0..10
   (whitespace around x free); else invalid and played as 0 coins (ours).
 """
@@ -18,6 +17,14 @@ the text was valid. What counts as valid (spec section 2; choices marked (ours) 
 from __future__ import annotations
 
 import re
+from collections import deque
+
+
+def _last(pattern: re.Pattern[str], text: str) -> re.Match[str] | None:
+    """The last non-overlapping match of `pattern` in `text`."""
+    found = deque(pattern.finditer(text), maxlen=1)
+    return found[0] if found else None
+
 
 # -- IPD -----------------------------------------------------------------------------------------
 IPD_LABELS = {"neutral": ("<A>", "<B>"), "overt": ("<Cooperate>", "<Defect>")}  # (cooperate, defect)
@@ -38,10 +45,9 @@ def parse_ipd(text: str, labels: tuple[str, str] = IPD_LABELS["neutral"]) -> tup
 # -- Split No-Comm -------------------------------------------------------------------------------
 SPLIT_ITEMS = ("hats", "books", "balls")
 SPLIT_REGEX = "Proposal: (10|[0-9]) hats, (10|[0-9]) books, (10|[0-9]) balls"
+_SPLIT_EXACT = re.compile(rf"\s*{SPLIT_REGEX}\s*")  # fast path for the canonical form
 _SPLIT_KEY = re.compile(r"proposal\s*:", re.IGNORECASE)
-_SPLIT_ITEM = {
-    item: re.compile(rf"(?<![0-9])(10|[0-9])\s*{item[:-1]}s?\b", re.IGNORECASE) for item in SPLIT_ITEMS
-}
+_SPLIT_ITEM = {item: re.compile(rf"(?<![0-9])(10|[0-9])\s*{item[:-1]}s?\b", re.IGNORECASE) for item in SPLIT_ITEMS}
 
 
 def format_split(units: tuple[int, int, int] | list[int]) -> str:
@@ -50,9 +56,10 @@ def format_split(units: tuple[int, int, int] | list[int]) -> str:
 
 def parse_split(text: str) -> tuple[tuple[int, int, int], bool]:
     """-> ((hats, books, balls), valid). No match -> (0, 0, 0), invalid."""
-    key = None
-    for key in _SPLIT_KEY.finditer(text):
-        pass
+    exact = _SPLIT_EXACT.fullmatch(text)
+    if exact:
+        return (int(exact[1]), int(exact[2]), int(exact[3])), True
+    key = _last(_SPLIT_KEY, text)
     if key is None:
         return (0, 0, 0), False
     rest = text[key.end() :]
@@ -67,9 +74,7 @@ MESSAGE_START, MESSAGE_END = "<<message_start>>", "<<message_end>>"
 PROPOSAL_START, PROPOSAL_END = "<<proposal_start>>", "<<proposal_end>>"
 MESSAGE_REGEX = f"{MESSAGE_START}[^<>]{{0,{MESSAGE_CHARS}}}{MESSAGE_END}"
 PROPOSAL_REGEX = f"{PROPOSAL_START} (10|[0-9]) {PROPOSAL_END}"
-_MESSAGE = re.compile(
-    rf"{MESSAGE_START}((?:(?!{MESSAGE_START}|{MESSAGE_END}).)*){MESSAGE_END}", re.DOTALL
-)
+_MESSAGE = re.compile(rf"{MESSAGE_START}((?:(?!{MESSAGE_START}|{MESSAGE_END}).)*){MESSAGE_END}", re.DOTALL)
 _PROPOSAL = re.compile(rf"{PROPOSAL_START}\s*(10|[0-9])\s*{PROPOSAL_END}")
 _TAGS = re.compile("|".join(map(re.escape, (MESSAGE_START, MESSAGE_END, PROPOSAL_START, PROPOSAL_END))))
 HANDS = ("rock", "paper", "scissors")  # HANDS[i] beats HANDS[(i + 2) % 3]
@@ -87,9 +92,7 @@ def format_proposal(coins: int) -> str:
 
 def parse_message(text: str) -> tuple[str, bool, bool]:
     """-> (delivered content, valid, truncated)."""
-    match = None
-    for match in _MESSAGE.finditer(text):
-        pass
+    match = _last(_MESSAGE, text)
     valid = match is not None
     content = match.group(1) if match else _TAGS.sub("", text)
     content = content.strip()
@@ -99,9 +102,7 @@ def parse_message(text: str) -> tuple[str, bool, bool]:
 
 def parse_proposal(text: str) -> tuple[int, bool]:
     """-> (coins kept, valid). Invalid plays 0 coins."""
-    match = None
-    for match in _PROPOSAL.finditer(text):
-        pass
+    match = _last(_PROPOSAL, text)
     return (int(match.group(1)), True) if match else (0, False)
 
 

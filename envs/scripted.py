@@ -12,16 +12,15 @@ a per-coin value claim and the liar claims 20. Every game has `random`: uniforml
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from typing import Any
-
-import numpy as np
 
 from envs import check_game
 from envs.base import EnvConfigError
 from envs.parsing import HANDS, format_message, format_proposal, format_split
 
-Decide = Callable[[dict[str, Any], np.random.Generator], str]
+Decide = Callable[[dict[str, Any], random.Random], str]
 
 
 class Scripted:
@@ -30,12 +29,12 @@ class Scripted:
 
     def __init__(self, game: str, name: str, decide: Decide, seed: int = 0) -> None:
         self.game, self.name, self._decide, self.seed = game, name, decide, seed
-        self._rng = np.random.default_rng(seed)
+        self._rng = random.Random(seed)
 
     def reset(self, seed: int | None = None) -> None:
         if seed is not None:
             self.seed = seed
-        self._rng = np.random.default_rng(self.seed)
+        self._rng = random.Random(self.seed)
 
     def act(self, info: dict[str, Any]) -> str:
         """Raw text for the pending decision; "" when the seat does not act."""
@@ -46,7 +45,7 @@ class Scripted:
 
 
 # -- IPD: a rule maps the state to "C" or "D" ----------------------------------------------------
-def _ipd(rule: Callable[[dict[str, Any], np.random.Generator], str]) -> Decide:
+def _ipd(rule: Callable[[dict[str, Any], random.Random], str]) -> Decide:
     return lambda info, rng: info["state"]["labels"][rule(info["state"], rng)]
 
 
@@ -73,7 +72,7 @@ def _welfare_maximising(state: dict[str, Any]) -> list[int]:
 SPLIT: dict[str, Decide] = {
     "greedy": lambda info, rng: format_split([10, 10, 10]),
     "welfare_maximising": lambda info, rng: format_split(_welfare_maximising(info["state"])),
-    "random": lambda info, rng: format_split(rng.integers(0, 11, size=3).tolist()),
+    "random": lambda info, rng: format_split([rng.randint(0, 10) for _ in range(3)]),
 }
 
 
@@ -110,12 +109,12 @@ def _lie(state: dict[str, Any]) -> str | int:
     return HANDS[(HANDS.index(claim) + 1) % 3] if claim in HANDS else state["my_hand"]
 
 
-def _random_claim(state: dict[str, Any], rng: np.random.Generator) -> str | int:
-    return HANDS[int(rng.integers(3))] if state["values"] == "rps" else int(rng.integers(1, 21))
+def _random_claim(state: dict[str, Any], rng: random.Random) -> str | int:
+    return HANDS[rng.randrange(3)] if state["values"] == "rps" else rng.randint(1, 20)
 
 
 def _tas(message: Callable[..., str | int], coins: Callable[..., int]) -> Decide:
-    def decide(info: dict[str, Any], rng: np.random.Generator) -> str:
+    def decide(info: dict[str, Any], rng: random.Random) -> str:
         if info["kind"] == "message":
             return format_message(_claim_text(message(info["state"], rng)))
         return format_proposal(coins(info["state"], rng))
@@ -127,7 +126,7 @@ TAS = {
     "always_claim_10": _tas(lambda s, rng: _own(s), lambda s, rng: 10),
     "truthful": _tas(lambda s, rng: _own(s), lambda s, rng: _truthful_coins(s)),
     "liar": _tas(lambda s, rng: _lie(s), lambda s, rng: 10),
-    "random": _tas(_random_claim, lambda s, rng: int(rng.integers(0, 11))),
+    "random": _tas(_random_claim, lambda s, rng: rng.randint(0, 10)),
 }
 
 STRATEGIES: dict[str, dict[str, Decide]] = {"ipd": IPD, "split_nocomm": SPLIT, "trust_and_split": TAS}

@@ -42,16 +42,30 @@ VALUES = (
 ASK = "Submit your proposal as: Proposal: x hats, y books, z balls"
 
 
-def draw_values(rng: np.random.Generator) -> tuple[list[int], list[int]]:
-    """Per-unit values of (hats, books, balls) for both agents: i.i.d. 1 or 10, resampled until the
-    totals are equal and the vectors differ somewhere (12 equally likely patterns). Candidates are
-    drawn 16 at a time and the first acceptable one is kept."""
-    while True:
-        cand = np.where(rng.random((16, 2, 3)) < 0.5, 1, 10)
-        ok = (cand[:, 0].sum(axis=1) == cand[:, 1].sum(axis=1)) & (cand[:, 0] != cand[:, 1]).any(axis=1)
-        if ok.any():
-            a, b = cand[int(ok.argmax())].tolist()
-            return a, b
+def _accepted(code: int) -> tuple[list[int], list[int]] | None:
+    """Six fair bits -> both agents' per-unit values (bit set -> 10, else 1), if the rejection rule
+    keeps them: equal totals, and the two vectors differ somewhere."""
+    values = [10 if code >> i & 1 else 1 for i in range(6)]
+    a, b = values[:3], values[3:]
+    return (a, b) if sum(a) == sum(b) and a != b else None
+
+
+PATTERNS = {code: pair for code in range(64) if (pair := _accepted(code)) is not None}  # the 12 patterns
+BATCH = 16  # candidates drawn at once; a batch is all rejected with probability (52/64)**16 < 0.04
+
+
+def draw_values(rng: np.random.Generator, n_rounds: int) -> list[tuple[list[int], list[int]]]:
+    """Per round, per-unit values of (hats, books, balls) for both agents: i.i.d. 1 or 10, resampled
+    until the totals are equal and the vectors differ somewhere (12 equally likely patterns).
+    Candidates (six fair bits each) are drawn in batches, round after round, from one stream."""
+    out = []
+    for _ in range(n_rounds):
+        code = None
+        while code is None:
+            code = next((c for u in rng.random(BATCH).tolist() if (c := int(u * 64)) in PATTERNS), None)
+        a, b = PATTERNS[code]
+        out.append((list(a), list(b)))
+    return out
 
 
 def max_welfare(values_a: list[int], values_b: list[int]) -> int:
@@ -65,7 +79,8 @@ class SplitNoComm(TextGame):
     FACTS = ("values", "proposals", "max_welfare")
 
     def _new_game(self, rng: np.random.Generator) -> None:
-        self._values = [draw_values(rng) for _ in range(self.n_rounds)]
+        self._values = draw_values(rng, self.n_rounds)
+        self._past_proposals: list[list[tuple[int, int, int]]] = [[], []]
 
     def _kind(self, seat: int) -> str:
         return "proposal"
@@ -102,8 +117,8 @@ class SplitNoComm(TextGame):
             "round": self.round,
             "my_values": list(values[seat]),
             "opp_values": list(values[1 - seat]),
-            "my_proposals": [list(h["proposals"][seat]) for h in self._history],
-            "opp_proposals": [list(h["proposals"][1 - seat]) for h in self._history],
+            "my_proposals": [list(p) for p in self._past_proposals[seat]],
+            "opp_proposals": [list(p) for p in self._past_proposals[1 - seat]],
         }
 
     def _valid(self, seat: int, text: str) -> bool:
@@ -116,8 +131,12 @@ class SplitNoComm(TextGame):
             units, valid = parse_split(texts[seat])
             self._count(seat, valid)
             proposals.append(list(units))
-        received = [allocate(pa, pb) for pa, pb in zip(*proposals, strict=True)]
-        rewards = tuple(sum(got[seat] * v for got, v in zip(received, values[seat], strict=True)) for seat in (0, 1))
+            self._past_proposals[seat].append(units)
+        rewards = [0.0, 0.0]
+        for item, (claim_a, claim_b) in enumerate(zip(*proposals, strict=True)):
+            got_a, got_b = allocate(claim_a, claim_b)
+            rewards[0] += got_a * values[0][item]
+            rewards[1] += got_b * values[1][item]
         actions = tuple(",".join(map(str, p)) for p in proposals)
         facts = {
             "values": [list(values[0]), list(values[1])],

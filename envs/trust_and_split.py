@@ -70,14 +70,21 @@ ASK_MESSAGE = f"Send your message now as <<message_start>>...<<message_end>> (at
 ASK_PROPOSAL = "Submit your proposal as <<proposal_start>> x <<proposal_end>> where x is an integer from 0 to 10."
 
 
-def draw_round(rng: np.random.Generator, kind: str) -> tuple[list[str] | None, list[int]]:
-    """(hands, per-coin values) of one round, per seat."""
+# the 6 equally likely deals of two different hands, as (alice's hand, bob's hand) indices into HANDS
+DEALS = [(a, b) for a in range(3) for b in range(3) if a != b]
+
+
+def draw_deals(rng: np.random.Generator, kind: str, n_rounds: int) -> list[tuple[list[str] | None, list[int]]]:
+    """(hands, per-coin values) per round, per seat. Round t uses the t-th uniform(s) drawn, so a
+    longer game extends a shorter one with the same seed."""
     if kind == "uniform":
-        return None, [int(v) for v in rng.integers(1, 21, size=2)]
-    first = int(rng.integers(3))
-    second = (first + int(rng.integers(1, 3))) % 3
-    first_wins = second == (first + 2) % 3
-    return [HANDS[first], HANDS[second]], [UPPER, LOWER] if first_wins else [LOWER, UPPER]
+        return [(None, [1 + int(u * 20), 1 + int(v * 20)]) for u, v in rng.random((n_rounds, 2)).tolist()]
+    deals: list[tuple[list[str] | None, list[int]]] = []
+    for u in rng.random(n_rounds).tolist():
+        a, b = DEALS[int(u * len(DEALS))]
+        a_wins = b == (a + 2) % 3
+        deals.append(([HANDS[a], HANDS[b]], [UPPER, LOWER] if a_wins else [LOWER, UPPER]))
+    return deals
 
 
 class TrustAndSplit(TextGame):
@@ -87,9 +94,12 @@ class TrustAndSplit(TextGame):
     FACTS = ("starter", "hands", "values", "messages", "claims", "proposals", "max_welfare", "truncated")
 
     def _new_game(self, rng: np.random.Generator) -> None:
-        self._first_starter = int(rng.integers(2))
-        self._deals = [draw_round(rng, self.options["values"]) for _ in range(self.n_rounds)]
+        self._first_starter = int(rng.random() < 0.5)
+        self._starter = self._first_starter  # alternates every round
+        self._deals = draw_deals(rng, self.options["values"], self.n_rounds)
         self._truncated_total = [0, 0]
+        self._past_proposals: list[list[int]] = [[], []]
+        self._past_values: list[list[int]] = [[], []]
         self._begin_round()
 
     def _begin_round(self) -> None:
@@ -98,9 +108,6 @@ class TrustAndSplit(TextGame):
         self._claims: list[str | int | None] = [None, None]
         self._truncated = [0, 0]
 
-    def _starter(self) -> int:
-        return (self._first_starter + self.round) % 2
-
     def _game_facts(self) -> dict[str, Any]:
         return {"first_starter": self._first_starter, "n_truncated": list(self._truncated_total)}
 
@@ -108,7 +115,7 @@ class TrustAndSplit(TextGame):
     def _acts(self, seat: int) -> bool:
         if self._phase == 2:
             return True
-        return (seat == self._starter()) == (self._phase == 0)
+        return (seat == self._starter) == (self._phase == 0)
 
     def _kind(self, seat: int) -> str:
         return "proposal" if self._phase == 2 else "message"
@@ -132,7 +139,7 @@ class TrustAndSplit(TextGame):
         )
 
     def _turn(self, seat: int) -> str:
-        kind, other, starter = self.options["values"], 1 - seat, self._starter()
+        kind, other, starter = self.options["values"], 1 - seat, self._starter
         hands, values = self._deals[self.round]
         parts = []
         if self._phase == (0 if seat == starter else 1):  # the seat's first turn of the round
@@ -160,21 +167,21 @@ class TrustAndSplit(TextGame):
         return {
             "round": self.round,
             "values": self.options["values"],
-            "starter": seat == self._starter(),
+            "starter": seat == self._starter,
             "my_hand": hands[seat] if hands else None,
             "my_value": None if rps else values[seat],
             "my_message": self._messages[seat],
             "opp_message": self._messages[other],
             "opp_claim": self._claims[other],
-            "my_proposals": [h["proposals"][seat] for h in self._history],
-            "opp_proposals": [h["proposals"][other] for h in self._history],
-            "opp_values": [h["values"][other] for h in self._history],
+            "my_proposals": list(self._past_proposals[seat]),
+            "opp_proposals": list(self._past_proposals[other]),
+            "opp_values": list(self._past_values[other]),
         }
 
     # -- rules -----------------------------------------------------------------------------------
     def _play(self, texts: dict[int, str]) -> tuple[tuple[str, str], tuple[float, float], dict] | None:
         if self._phase < 2:
-            seat = self._starter() if self._phase == 0 else 1 - self._starter()
+            seat = self._starter if self._phase == 0 else 1 - self._starter
             message, valid, truncated = parse_message(texts[seat])
             self._count(seat, valid)
             self._messages[seat] = message
@@ -190,10 +197,13 @@ class TrustAndSplit(TextGame):
             self._count(seat, valid)
             proposals.append(coins)
         hands, values = self._deals[self.round]
+        for seat in (0, 1):
+            self._past_proposals[seat].append(proposals[seat])
+            self._past_values[seat].append(values[seat])
         received = allocate(proposals[0], proposals[1])
         rewards = (received[0] * values[0], received[1] * values[1])
         facts = {
-            "starter": self._starter(),
+            "starter": self._starter,
             "hands": list(hands) if hands else None,
             "values": list(values),
             "messages": list(self._messages),
@@ -203,4 +213,5 @@ class TrustAndSplit(TextGame):
             "truncated": list(self._truncated),
         }
         self._begin_round()
+        self._starter = 1 - self._starter
         return (str(proposals[0]), str(proposals[1])), rewards, facts
