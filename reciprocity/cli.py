@@ -34,3 +34,42 @@ def doctor() -> None:
     from reciprocity.doctor import main
 
     raise typer.Exit(main())
+
+
+@app.command()
+def play(
+    agents: Annotated[tuple[str, str], typer.Option(help="Two scripted strategies: A B")],
+    env: Annotated[str, typer.Option(help="Game: ipd, split_nocomm or trust_and_split")] = "ipd",
+    games: Annotated[int, typer.Option(help="Games per seat order")] = 256,
+    seed: Annotated[int, typer.Option(help="Game i uses seed + i")] = 0,
+    option: Annotated[list[str] | None, typer.Option("--option", "-o", help="Env option KEY=VALUE")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+) -> None:
+    """Play two scripted strategies against each other in both seat orders and print their figures."""
+    from reciprocity.play import main
+
+    raise typer.Exit(main(env, agents, games, seed, option or [], as_json))
+
+
+@app.command(context_settings={"allow_extra_args": False})
+def train(
+    config: Annotated[Path, typer.Option(help="YAML run config")] = Path("configs/smoke.yaml"),
+    overrides: Annotated[list[str] | None, typer.Argument(help="key.sub=value overrides")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray address (or `auto`); default: start a local Ray")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Run directory to resume from its last checkpoint")] = None,
+) -> None:
+    """Train: rollouts on vLLM workers, Advantage Alignment updates on DeepSpeed learners."""
+    from reciprocity.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(config, overrides or [])
+    except ConfigError as e:
+        typer.echo(f"config error: {e}", err=True)
+        raise typer.Exit(2) from None
+    from reciprocity.train import TrainError, run
+
+    try:
+        run(cfg, address=address, resume=resume)
+    except (ConfigError, TrainError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
