@@ -87,3 +87,33 @@ def _first_difference(a: dict[str, str], b: dict[str, str]) -> str:
         if a.get(k) != b.get(k):
             return f"{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}"
     return "fingerprint mismatch"
+
+
+def save_pool(ckpt: Path, state: dict[str, Any], adapters: dict[str, Any]) -> None:
+    """The pool's JSON state and every adapter version it refers to (bytes + config + probe)."""
+    (ckpt / "pool.json").write_text(json.dumps(state, indent=1))
+    root = ckpt / "adapters"
+    for key, version in adapters.items():
+        d = version.write(root)
+        meta = {"key": key, "name": version.name, "version": version.version, "sha256": version.sha256,
+                "probe": None if version.probe is None else
+                {"token_ids": list(version.probe.token_ids), "logprobs": list(version.probe.logprobs)}}
+        (d / "version.json").write_text(json.dumps(meta))
+
+
+def load_pool(ckpt: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    from actors.adapters import AdapterError, AdapterVersion, Probe
+
+    state = json.loads((ckpt / "pool.json").read_text())
+    adapters: dict[str, Any] = {}
+    for meta_file in sorted((ckpt / "adapters").glob("*/version.json")):
+        meta = json.loads(meta_file.read_text())
+        v = AdapterVersion.from_dir(meta_file.parent, meta["name"], meta["version"])
+        if v.sha256 != meta["sha256"]:
+            raise AdapterError(f"checkpoint adapter {meta['key']} is corrupted (sha256 mismatch)")
+        probe = meta.get("probe")
+        if probe:
+            v = AdapterVersion(v.name, v.version, v.sha256, v.data, v.config,
+                               Probe(tuple(probe["token_ids"]), tuple(probe["logprobs"])))
+        adapters[meta["key"]] = v
+    return state, adapters

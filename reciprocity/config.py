@@ -80,7 +80,7 @@ class Learner(Section):
     cpus_per_rank: float = Field(1.0, ge=0)
     gpus_per_rank: float = Field(0.0, ge=0)
     zero_stage: Literal[0, 1, 2, 3] = 0
-    dtype: Literal["bf16", "fp32"] = "bf16"
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto/bf16: bf16 where the device computes it natively
     lr: float = Field(1e-4, gt=0)
     micro_batch_tokens: int = Field(8192, ge=64)
     grad_clip: float = Field(1.0, gt=0)

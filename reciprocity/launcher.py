@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
-from ray.util.placement_group import PlacementGroup, placement_group
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from reciprocity.config import Config
@@ -59,6 +59,10 @@ class Placement:
     worker_pg: PlacementGroup
     learner_pg: PlacementGroup
 
+    def remove(self) -> None:
+        for pg in (self.worker_pg, self.learner_pg):
+            remove_placement_group(pg)
+
     def worker_options(self, index: int, cfg: Config) -> dict[str, Any]:
         return {
             "num_cpus": cfg.rollout.cpus_per_worker,
@@ -84,6 +88,18 @@ def place(cfg: Config) -> Placement:
     return Placement(_ready(workers, "rollout workers"), _ready(learners, "learner ranks"))
 
 
-def node_of(actor: Any) -> str:
-    """The IP of the node an actor runs on (each actor class has a `node()` method)."""
+class Located:
+    """Mixed into actor classes by `actor_class`: where does this actor run?"""
+
+    def node(self) -> dict[str, str]:
+        ctx = ray.get_runtime_context()
+        return {"ip": ray.util.get_node_ip_address(), "node_id": ctx.get_node_id(), "pid": str(os.getpid())}
+
+
+def actor_class(cls: type) -> Any:
+    """`cls` as a Ray actor class that can also tell where it runs (`node()`)."""
+    return ray.remote(type(cls.__name__, (cls, Located), {}))
+
+
+def node_of(actor: Any) -> dict[str, str]:
     return ray.get(actor.node.remote())

@@ -1,0 +1,291 @@
+"""The opponent pool: the agent buffer of past adapters (spec section 5), the other entries that can
+take a seat (scripted strategies, API models, the base model), and an Elo rating per entry.
+
+- Snapshots: every `snapshot_every` iterations (it > 0) the current adapter is frozen into the
+  buffer; snapshots are kept for good.
+- Resident: each iteration at most `max_resident` snapshots are served (a uniform subsample when
+  more exist), drawn from (seed, iteration) alone, so any process computes the same set.
+- Pairings (`pairings`): per game, the learner takes seat `group_id mod 2`; with the buffer, the
+  other seat is with probability `p_buffer` a uniformly drawn resident snapshot (or buffer-listed
+  scripted/API entry), else a frozen copy of the current adapter (same version, not trained): one
+  trained trajectory per game. Without the buffer: self-play, both seats trained.
+- Elo: `record` updates ratings from match results (score 1/0.5/0 by comparing the two seats'
+  returns); self-play games carry no information and are skipped.
+- Determinism: every draw uses a generator seeded by (seed, iteration, purpose), never a shared
+  stream, so results do not depend on call order and survive a restart.
+- Checkpoints: `state_dict()` is JSON-serialisable (metadata, sha256 sums, ratings); the adapter
+  bytes are `adapters()` (saved by the caller) and are checked against the sums on load.
+
+`OpponentPool` is plain Python; `OpponentPoolActor` is its Ray actor.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from actors.adapters import AdapterError, AdapterVersion
+from actors.worker import PlayerSpec
+
+ENTRY_KINDS = ("adapter", "scripted", "api", "base")
+
+
+def entry_key(policy: str, version: int) -> str:
+    """The key of a (policy, version): AdapterVersion.key for versioned adapters, else the name."""
+    return f"{policy}@v{version}" if version >= 0 else policy
+
+
+@dataclass
+class PoolEntry:
+    key: str
+    kind: str  # "adapter" | "scripted" | "api" | "base"
+    policy: str
+    version: int = -1
+    sha256: str | None = None
+    frozen_at: int | None = None  # the iteration an adapter snapshot was frozen at
+    in_buffer: bool = False  # drawn as a buffer opponent (snapshots: always)
+    rating: float = 1000.0
+    games: int = 0
+
+    def player(self, trainable: bool = False) -> PlayerSpec:
+        if self.kind == "adapter":
+            return PlayerSpec("llm", self.policy, self.version, adapter=self.key, trainable=trainable)
+        if self.kind == "base":
+            return PlayerSpec("llm", self.policy, -1, adapter=None, trainable=False)
+        return PlayerSpec(self.kind, self.policy)
+
+
+@dataclass(frozen=True)
+class Pairing:
+    """The two seats of one game and which of them is the learner's."""
+
+    seats: tuple[PlayerSpec, PlayerSpec]
+    learner_seat: int
+    opponent: str  # the opponent's entry key
+
+
+class OpponentPool:
+    def __init__(
+        self,
+        snapshot_every: int = 10,
+        max_resident: int = 28,
+        p_buffer: float = 0.5,
+        use_buffer: bool = True,
+        seed: int = 0,
+        elo_k: float = 16.0,
+        initial_rating: float = 1000.0,
+    ) -> None:
+        if snapshot_every < 1 or max_resident < 0 or not 0.0 <= p_buffer <= 1.0:
+            raise ValueError("need snapshot_every >= 1, max_resident >= 0 and 0 <= p_buffer <= 1")
+        self.snapshot_every, self.max_resident, self.p_buffer = snapshot_every, max_resident, p_buffer
+        self.use_buffer, self.seed, self.elo_k, self.initial_rating = use_buffer, seed, elo_k, initial_rating
+        self.entries: dict[str, PoolEntry] = {}
+        self.snapshots: list[str] = []  # keys, in freezing order
+        self.current: str | None = None
+        self.iteration = 0  # of the last set_current
+        self._versions: dict[str, AdapterVersion] = {}  # current + snapshots
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "snapshot_every": self.snapshot_every,
+            "max_resident": self.max_resident,
+            "p_buffer": self.p_buffer,
+            "use_buffer": self.use_buffer,
+            "seed": self.seed,
+            "elo_k": self.elo_k,
+            "initial_rating": self.initial_rating,
+        }
+
+    # -- entries -------------------------------------------------------------------------------
+    def _entry(self, key: str, kind: str, policy: str, version: int = -1, **kw: Any) -> PoolEntry:
+        if kind not in ENTRY_KINDS:
+            raise ValueError(f"unknown entry kind {kind!r}; valid: {', '.join(ENTRY_KINDS)}")
+        if key not in self.entries:
+            self.entries[key] = PoolEntry(key, kind, policy, version, rating=self.initial_rating, **kw)
+        return self.entries[key]
+
+    def add_scripted(self, name: str, in_buffer: bool = False) -> PoolEntry:
+        e = self._entry(name, "scripted", name)
+        e.in_buffer = in_buffer
+        return e
+
+    def add_api(self, name: str, in_buffer: bool = False) -> PoolEntry:
+        e = self._entry(name, "api", name)
+        e.in_buffer = in_buffer
+        return e
+
+    def add_base(self, name: str = "base", in_buffer: bool = False) -> PoolEntry:
+        e = self._entry(name, "base", name)
+        e.in_buffer = in_buffer
+        return e
+
+    # -- adapters and the snapshot cadence -------------------------------------------------------
+    def set_current(self, version: AdapterVersion, iteration: int) -> bool:
+        """Make `version` the learner's current adapter at `iteration`; freeze it into the buffer
+        when the cadence says so (it > 0, it % snapshot_every == 0). Returns whether it froze.
+        A new version starts from the rating of the previous current version."""
+        version.check_sha()
+        rating = self.entries[self.current].rating if self.current in self.entries else self.initial_rating
+        new = version.key not in self.entries
+        entry = self._entry(version.key, "adapter", version.name, version.version, sha256=version.sha256)
+        if new:
+            entry.rating = rating
+        if self.current is not None and self.current != version.key and self.current not in self.snapshots:
+            self._versions.pop(self.current, None)
+        self.current, self.iteration = version.key, iteration
+        self._versions[version.key] = version
+        if self.use_buffer and iteration > 0 and iteration % self.snapshot_every == 0:
+            self.freeze(version, iteration)
+            return True
+        return False
+
+    def freeze(self, version: AdapterVersion, iteration: int) -> PoolEntry:
+        """Put `version` into the buffer (idempotent)."""
+        version.check_sha()
+        entry = self._entry(version.key, "adapter", version.name, version.version, sha256=version.sha256)
+        if entry.sha256 != version.sha256:
+            raise AdapterError(f"{version.key}: a different adapter with this key is already in the pool")
+        if version.key not in self.snapshots:
+            entry.frozen_at, entry.in_buffer = iteration, True
+            self.snapshots.append(version.key)
+        self._versions[version.key] = version
+        return entry
+
+    def _rng(self, iteration: int, purpose: str) -> np.random.Generator:
+        return np.random.default_rng([self.seed, iteration, zlib.crc32(purpose.encode())])
+
+    def resident(self, iteration: int) -> list[str]:
+        """Snapshot keys served at `iteration`: all, or a uniform subsample of `max_resident`."""
+        if len(self.snapshots) <= self.max_resident:
+            return list(self.snapshots)
+        pick = self._rng(iteration, "resident").choice(len(self.snapshots), self.max_resident, replace=False)
+        return [self.snapshots[i] for i in sorted(pick)]
+
+    def versions(self, iteration: int | None = None) -> list[AdapterVersion]:
+        """Adapter versions a worker must hold at `iteration` (default: that of the last
+        set_current): the current one and the resident snapshots. The restart source of workers."""
+        keys = [self.current] if self.current else []
+        keys += self.resident(self.iteration if iteration is None else iteration)
+        return [self._versions[k] for k in dict.fromkeys(keys)]
+
+    def adapters(self) -> dict[str, AdapterVersion]:
+        """The adapter versions a checkpoint must save (current and snapshots), by key."""
+        return dict(self._versions)
+
+    # -- pairings --------------------------------------------------------------------------------
+    def buffer(self, iteration: int) -> list[str]:
+        """Entries a buffer draw picks from: resident snapshots and buffer-listed other entries."""
+        others = [k for k, e in self.entries.items() if e.in_buffer and e.kind != "adapter"]
+        return self.resident(iteration) + others
+
+    def pairings(self, iteration: int, group_ids: Sequence[int]) -> list[Pairing]:
+        """One pairing per game (`group_ids[i]` is game i's group), deterministic in (seed, iteration)."""
+        if self.current is None:
+            raise ValueError("the pool has no current adapter: call set_current first")
+        current = self.entries[self.current]
+        rng = self._rng(iteration, "pairings")
+        pool = self.buffer(iteration) if self.use_buffer else []
+        out = []
+        for g in group_ids:
+            learner = int(g) % 2
+            if not self.use_buffer:
+                seats = (current.player(True), current.player(True))
+                out.append(Pairing(seats, learner, current.key))
+                continue
+            draw, pick = rng.random(), rng.integers(max(len(pool), 1))
+            opponent = self.entries[pool[pick]] if pool and draw < self.p_buffer else current
+            pair = [current.player(True), opponent.player(False)]
+            seats = (pair[0], pair[1]) if learner == 0 else (pair[1], pair[0])
+            out.append(Pairing(seats, learner, opponent.key))
+        return out
+
+    # -- ratings ---------------------------------------------------------------------------------
+    def expected(self, a: str, b: str) -> float:
+        ra, rb = self.entries[a].rating, self.entries[b].rating
+        return 1.0 / (1.0 + 10.0 ** ((rb - ra) / 400.0))
+
+    def record(self, results: Iterable[tuple[str, str, float, float]]) -> None:
+        """Update Elo from (key_a, key_b, return_a, return_b) per game, in order. Unknown keys get
+        an entry (kind from the key: versioned -> adapter, else scripted)."""
+        for a, b, ret_a, ret_b in results:
+            if a == b:
+                continue
+            for key in (a, b):
+                if key not in self.entries:
+                    policy, _, v = key.partition("@v")
+                    self._entry(key, "adapter" if v else "scripted", policy, int(v) if v else -1)
+            score = 1.0 if ret_a > ret_b else 0.5 if ret_a == ret_b else 0.0
+            delta = self.elo_k * (score - self.expected(a, b))
+            self.entries[a].rating += delta
+            self.entries[b].rating -= delta
+            self.entries[a].games += 1
+            self.entries[b].games += 1
+
+    def record_batch(self, batch: pa.RecordBatch | pa.Table) -> None:
+        """Update Elo from a trajectory batch (both seats of each game, paired by game id)."""
+        rows = batch.select(["game_id", "seat", "policy_name", "policy_version", "rewards"]).to_pylist()
+        games: dict[int, dict[int, dict]] = {}
+        for r in rows:
+            games.setdefault(r["game_id"], {})[r["seat"]] = r
+        results = []
+        for gid in sorted(games):
+            pair = games[gid]
+            if 0 in pair and 1 in pair:
+                a, b = pair[0], pair[1]
+                results.append(
+                    (
+                        entry_key(a["policy_name"], a["policy_version"]),
+                        entry_key(b["policy_name"], b["policy_version"]),
+                        float(sum(a["rewards"])),
+                        float(sum(b["rewards"])),
+                    )
+                )
+        self.record(results)
+
+    def ratings(self) -> dict[str, float]:
+        return {k: e.rating for k, e in self.entries.items()}
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config(),
+            "entries": [asdict(e) for e in self.entries.values()],
+            "snapshots": list(self.snapshots),
+            "current": self.current,
+            "iteration": self.iteration,
+        }
+
+    def load_state_dict(self, state: dict[str, Any], adapters: dict[str, AdapterVersion]) -> None:
+        """Restore from `state_dict()` and the saved adapter versions (checked against the sums).
+        The pool's configuration is kept as constructed (it must match the checkpoint's)."""
+        if state["config"] != self.config():
+            raise ValueError(f"pool checkpoint config {state['config']} differs from this pool's {self.config()}")
+        need = [k for k in [state["current"], *state["snapshots"]] if k]
+        missing = [k for k in need if k not in adapters]
+        if missing:
+            raise AdapterError(f"pool checkpoint needs adapter(s) {missing}")
+        entries = {e["key"]: PoolEntry(**e) for e in state["entries"]}
+        for k in need:
+            adapters[k].check_sha()
+            if entries[k].sha256 != adapters[k].sha256:
+                raise AdapterError(f"{k}: saved adapter does not match the pool's sha256")
+        self.entries = entries
+        self.snapshots = list(state["snapshots"])
+        self.current = state["current"]
+        self.iteration = int(state.get("iteration", 0))
+        self._versions = {k: adapters[k] for k in need}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any], adapters: dict[str, AdapterVersion]) -> OpponentPool:
+        pool = cls(**state["config"])
+        pool.load_state_dict(state, adapters)
+        return pool
+
+
+OpponentPoolActor = ray.remote(OpponentPool)

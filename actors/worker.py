@@ -1,0 +1,304 @@
+"""The rollout worker: one inference engine, its resident adapters, many concurrent matches.
+
+`RolloutWorker` is a plain class (usable and testable without Ray); `RolloutWorkerActor` is its
+Ray actor (the driver applies resources and fault-tolerance options). A match is described by a
+serialisable `MatchSpec` (no engine objects), whose seats are `PlayerSpec`s: an LLM seat bound to
+an explicit adapter key (None = the base model), a scripted strategy, or an API endpoint named in
+the worker's config. Matches run concurrently on the one engine (asyncio; the engine batches their
+requests); the worker returns one validated Arrow record batch per group of matches.
+
+Constructor config (a plain dict):
+- `model`: path of the served base model (its tokenizer and chat template are used for chats);
+- `engine`: keyword arguments of the engine (`VLLMEngine(model=..., **engine)`);
+- `engine_factory`: optional "module:callable" taking the config and returning an Engine (tests);
+- `adapters`: AdapterVersions (or object refs of them) to load at start;
+- `adapter_source`: optional object or Ray actor handle with `versions()` returning the
+  AdapterVersions to hold now (the OpponentPool): a restarted worker reloads them, so a restart
+  serves exactly what the driver published, never a stale or missing version;
+- `api`: {endpoint name: APIConfig dict} for API seats;
+- `system`: optional system prompt of LLM chats (None: the template's default);
+- `check_template`: run the chat-template guard at start-up (default True);
+- `concurrency`: default number of matches in flight (default 64).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import ray
+
+import envs
+from actors.adapters import AdapterVersion
+from actors.api_engine import APIEngine
+from actors.chat import ChatTemplate, check_template
+from actors.engine import Engine, UnknownAdapterError
+from actors.match import SeatSpec, TextEngine, play_match
+from actors.scripted_engine import ScriptedEngine
+from actors.trajectories import SeatTrajectory, to_batch
+
+log = logging.getLogger(__name__)
+
+KINDS = ("llm", "scripted", "api")
+
+
+@dataclass(frozen=True)
+class PlayerSpec:
+    """Who takes a seat. kind "llm": `adapter` is the served adapter key (AdapterVersion.key) or
+    None for the base model; "scripted": `policy` is the strategy name; "api": `policy` is the
+    endpoint name in the worker's `api` config. `version` is the policy version (-1: none)."""
+
+    kind: str
+    policy: str
+    version: int = -1
+    adapter: str | None = None
+    trainable: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown player kind {self.kind!r}; valid: {', '.join(KINDS)}")
+        if self.kind != "llm" and (self.adapter is not None or self.trainable):
+            raise ValueError(f"a {self.kind} seat has no adapter and cannot be trained")
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """Sampling of LLM seats: temperature, top-p, max new tokens (None: the env's per-decision
+    hint) and unguided samples before the guided one (0 = always guided)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int | None = None
+    free_samples: int = 0
+
+
+@dataclass(frozen=True)
+class MatchSpec:
+    game: str
+    game_id: int
+    group_id: int
+    seed: int
+    seats: tuple[PlayerSpec, PlayerSpec]
+    options: dict[str, Any] = field(default_factory=dict)  # env options (envs.make)
+    iteration: int = 0
+    run: str = ""
+    sampling: SamplingSpec = SamplingSpec()
+
+
+def _import(path: str) -> Any:
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def default_engine(config: dict[str, Any]) -> Engine:
+    from actors.vllm_engine import VLLMEngine
+
+    return VLLMEngine(model=str(config["model"]), **config.get("engine", {}))
+
+
+class RolloutWorker:
+    """Plays matches on one engine; see the module doc for the config keys."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = dict(config)
+        factory = _import(config["engine_factory"]) if config.get("engine_factory") else default_engine
+        self.template = ChatTemplate.from_pretrained(str(config["model"]), system=config.get("system"))
+        if config.get("check_template", True):
+            check_template(self.template)  # refuse to run on a template that breaks token-in-token-out
+        self.engine: Engine = factory(self.config)
+        self.concurrency = int(config.get("concurrency", 64))
+        self.loaded: dict[str, AdapterVersion] = {}
+        self._text_engines: dict[tuple[str, str], TextEngine] = {}
+        self._started: asyncio.Task | None = None
+        self.totals: dict[str, float] = defaultdict(float)
+        self.last: dict[str, float] = {}
+
+    # -- adapters ----------------------------------------------------------------------------
+    async def _start(self) -> None:
+        start = getattr(self.engine, "start", None)
+        if start is not None:
+            out = start()
+            if asyncio.iscoroutine(out):
+                await out
+        versions = [await _resolve(v) for v in self.config.get("adapters", [])]
+        source = self.config.get("adapter_source")
+        if source is not None:
+            versions += await _call(source, "versions")
+        for version in versions:
+            await self._load(version)
+
+    async def ready(self) -> None:
+        """Start the engine and (re)load the configured adapters, once."""
+        if self._started is None:
+            self._started = asyncio.ensure_future(self._start())
+        await asyncio.shield(self._started)
+
+    async def _load(self, version: AdapterVersion) -> str:
+        if version.key in self.loaded and self.loaded[version.key].sha256 == version.sha256:
+            return version.key  # idempotent: a retried call after a restart is a no-op
+        key = await self.engine.load_adapter(version)
+        self.loaded[key] = version
+        return key
+
+    async def load_adapter(self, version: AdapterVersion) -> str:
+        """Load (validate, probe) a version; return its key. Idempotent for the same version."""
+        await self.ready()
+        return await self._load(await _resolve(version))
+
+    async def unload_adapter(self, key: str) -> None:
+        """Retire a version (the engine waits for its in-flight requests)."""
+        await self.ready()
+        if key in self.loaded:
+            await self.engine.unload_adapter(key)
+            del self.loaded[key]
+
+    def probe_error(self, key: str) -> float:
+        """The fidelity-probe error measured when `key` was loaded (0.0 when it had no probe)."""
+        errors = getattr(self.engine, "probe_error", {})
+        return float(errors.get(key, 0.0) or 0.0)
+
+    def adapters(self) -> list[str]:
+        return sorted(self.loaded)
+
+    # -- matches -----------------------------------------------------------------------------
+    def _seat(self, player: PlayerSpec, sampling: SamplingSpec) -> SeatSpec:
+        engine: Engine | TextEngine
+        if player.kind == "llm":
+            if player.adapter is not None and player.adapter not in self.loaded:
+                raise UnknownAdapterError(
+                    f"adapter {player.adapter!r} is not loaded on this worker (loaded: {sorted(self.loaded)})"
+                )
+            engine = self.engine
+        else:
+            engine = self._text_engine(player)
+        return SeatSpec(
+            engine=engine,
+            policy=player.policy,
+            version=player.version,
+            adapter=player.adapter,
+            trainable=player.trainable,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=sampling.max_tokens,
+            free_samples=sampling.free_samples,
+        )
+
+    def _text_engine(self, player: PlayerSpec) -> TextEngine:
+        key = (player.kind, player.policy)
+        if key not in self._text_engines:
+            if player.kind == "scripted":
+                self._text_engines[key] = ScriptedEngine(player.policy)
+            else:
+                apis = self.config.get("api", {})
+                if player.policy not in apis:
+                    raise KeyError(f"no API endpoint {player.policy!r} in the worker config (have: {sorted(apis)})")
+                self._text_engines[key] = APIEngine(apis[player.policy], name=player.policy)
+        return self._text_engines[key]
+
+    async def _play(self, spec: MatchSpec, limit: asyncio.Semaphore) -> tuple[SeatTrajectory, SeatTrajectory]:
+        seats = (self._seat(spec.seats[0], spec.sampling), self._seat(spec.seats[1], spec.sampling))
+        async with limit:
+            env = envs.make(spec.game, **spec.options)
+            return await play_match(
+                env,
+                seats,
+                spec.seed,
+                template=self.template,
+                run=spec.run,
+                iteration=spec.iteration,
+                game_id=spec.game_id,
+                group_id=spec.group_id,
+            )
+
+    async def _groups(self, specs: Sequence[MatchSpec], concurrency: int | None) -> AsyncIterator[pa.RecordBatch]:
+        """Play `specs` with at most `concurrency` matches in flight; yield one validated record
+        batch per group (rows ordered by game id, then seat) as soon as the group's games are done."""
+        await self.ready()
+        for spec in specs:  # fail fast, before any game starts
+            for player in spec.seats:
+                self._seat(player, spec.sampling)
+        limit = asyncio.Semaphore(concurrency or self.concurrency)
+        groups: dict[int, list[MatchSpec]] = defaultdict(list)
+        for spec in specs:
+            groups[spec.group_id].append(spec)
+
+        async def group(members: list[MatchSpec]) -> list[SeatTrajectory]:
+            games = await asyncio.gather(*(self._play(s, limit) for s in members))
+            return [traj for game in sorted(games, key=lambda g: g[0].game_id) for traj in game]
+
+        t0 = time.perf_counter()
+        counts: dict[str, float] = defaultdict(float)
+        tasks = [asyncio.ensure_future(group(members)) for members in groups.values()]
+        try:
+            for done in asyncio.as_completed(tasks):
+                rows = await done
+                counts["games"] += len(rows) // 2
+                for r in rows:
+                    counts["generated_tokens"] += sum(1 for x in r.token_round if x >= 0)
+                    counts["decisions"] += r.n_decisions
+                    counts["invalid"] += r.n_invalid
+                    counts["resampled"] += r.n_resampled
+                counts["seconds"] = time.perf_counter() - t0
+                yield to_batch(rows)
+        finally:
+            for t in tasks:
+                t.cancel()
+            counts["seconds"] = time.perf_counter() - t0
+            counts["tokens_per_s"] = counts["generated_tokens"] / counts["seconds"] if counts["seconds"] else 0.0
+            self.last = dict(counts)
+            for k, v in counts.items():
+                if k != "tokens_per_s":
+                    self.totals[k] += v
+            self.totals["runs"] += 1
+            log.info("rollout: %s", {k: round(v, 3) for k, v in counts.items()})
+
+    async def run(self, specs: Sequence[MatchSpec], concurrency: int | None = None, refs: bool = True) -> list[Any]:
+        """Play `specs`; return one record batch per group, in completion order: as object refs
+        (`ray.put`, the default: a list of refs is not resolved by Ray on return) or as batches."""
+        batches = [b async for b in self._groups(specs, concurrency)]
+        if not refs:
+            return batches
+        return [ray.put(b) for b in batches]
+
+    async def run_stream(
+        self, specs: Sequence[MatchSpec], concurrency: int | None = None
+    ) -> AsyncIterator[pa.RecordBatch]:
+        """Like `run`, but a generator: as a Ray actor method it streams each group's batch as an
+        object ref the moment the group is done (`for ref in actor.run_stream.remote(specs)`)."""
+        async for batch in self._groups(specs, concurrency):
+            yield batch
+
+    def shutdown(self) -> None:
+        """Stop the engine (its process) before the actor goes away."""
+        stop = getattr(self.engine, "shutdown", None)
+        if stop is not None:
+            stop()
+
+    def stats(self) -> dict[str, Any]:
+        """Cumulative counts (games, generated tokens, decisions, invalid, resampled, seconds,
+        runs), the last run's counts, and the loaded adapter keys."""
+        return {"totals": dict(self.totals), "last": dict(self.last), "adapters": self.adapters()}
+
+
+async def _resolve(value: Any) -> Any:
+    """An object ref (nested in a config or list, hence not resolved by Ray) -> its value."""
+    return await value if isinstance(value, ray.ObjectRef) else value
+
+
+async def _call(target: Any, method: str) -> Any:
+    """Call `method` on a plain object or a Ray actor handle."""
+    fn = getattr(target, method)
+    if hasattr(fn, "remote"):
+        return await fn.remote()
+    out = fn()
+    return await out if asyncio.iscoroutine(out) else out
+
+
+RolloutWorkerActor = ray.remote(RolloutWorker)  # the driver applies .options(...) (resources, restarts)
