@@ -9,7 +9,8 @@ raw AsyncLLM's tokens/s on the same prompts at the same concurrency, on the same
    once, as the worker's games submit them. So both phases run the same prompts in the same batch
    structure; what the raw phase lacks is the match runner: chats, env steps, bookkeeping, and the
    wait of each game for its slower seat.
-The prefix cache is reset before each measured phase. Prints ONE JSON object (last line):
+An unmeasured worker run of the same size warms the engine up first; the prefix cache is reset
+before each phase; the pair of phases is repeated `--repeats` times and the totals compared. Prints ONE JSON object (last line):
 {"name": "rollout", "worker_tok_s": ..., "raw_tok_s": ..., "rollout_efficiency_ratio": ...}.
 """
 
@@ -29,6 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def log(message: str) -> None:
+    print(f"[bench_rollout] {message}", file=sys.stderr, flush=True)
 
 
 class Recorder:
@@ -116,15 +121,19 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     worker.engine = Recorder(worker.engine)
     await worker.engine.engine.start()
     try:
-        await worker_phase(worker, min(8, args.games), 2, offset=10_000)  # warm-up (grammar, kernels)
+        # warm-up at the measured size (grammar compilation, kernels for these batch shapes)
+        await worker_phase(worker, args.games, args.rounds, offset=10_000)
+        log(f"warm-up done; measuring {args.games} games x {args.rounds} rounds, {args.repeats} repeats")
         eos = worker.template.tokenizer.eos_token_id
         worker_tokens = worker_seconds = raw_tokens = raw_seconds = 0.0
         for rep in range(args.repeats):
             worker.engine.requests.clear()
             tok, sec = await worker_phase(worker, args.games, args.rounds, offset=rep * args.games)
             worker_tokens, worker_seconds = worker_tokens + tok, worker_seconds + sec
+            log(f"worker: {tok} tokens in {sec:.1f}s ({len(worker.engine.requests)} requests)")
             tok, sec = await raw_phase(worker.engine.engine, list(worker.engine.requests), eos)
             raw_tokens, raw_seconds = raw_tokens + tok, raw_seconds + sec
+            log(f"raw: {tok} tokens in {sec:.1f}s")
         worker_tok_s, raw_tok_s = worker_tokens / worker_seconds, raw_tokens / raw_seconds
         return {
             "name": "rollout",
@@ -146,8 +155,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=ROOT / "models" / "smollm2-135m-instruct")
-    parser.add_argument("--games", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--games", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=2)
     result = asyncio.run(main(parser.parse_args()))
     print(json.dumps(result))
