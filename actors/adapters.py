@@ -46,7 +46,9 @@ class AdapterVersion:
     def check_sha(self) -> None:
         got = hashlib.sha256(self.data).hexdigest()
         if got != self.sha256:
-            raise AdapterError(f"adapter {self.key}: sha256 mismatch (corrupted bytes): {got[:12]} != {self.sha256[:12]}")
+            raise AdapterError(
+                f"adapter {self.key}: sha256 mismatch (corrupted bytes): {got[:12]} != {self.sha256[:12]}"
+            )
 
     def write(self, root: str | os.PathLike[str]) -> Path:
         """Write to a fresh directory under ``root`` atomically (temp dir, then rename)."""

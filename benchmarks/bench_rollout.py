@@ -10,7 +10,8 @@ raw AsyncLLM's tokens/s on the same prompts at the same concurrency, on the same
    structure; what the raw phase lacks is the match runner: chats, env steps, bookkeeping, and the
    wait of each game for its slower seat.
 An unmeasured worker run of the same size warms the engine up first; the prefix cache is reset
-before each phase; the pair of phases is repeated `--repeats` times and the totals compared. Prints ONE JSON object (last line):
+before each phase; the pair of phases is repeated `--repeats` times and the totals compared.
+Prints ONE JSON object (last line):
 {"name": "rollout", "worker_tok_s": ..., "raw_tok_s": ..., "rollout_efficiency_ratio": ...}.
 """
 

@@ -10,8 +10,9 @@ One iteration (synchronous mode), as in sysdesign/architecture.md:
   4. publish: rank 0 exports version k+1; every worker loads it, probes it and serves it; the
      pool records it and freezes a snapshot every K iterations;
   5. log and checkpoint.
-Asynchronous mode overlaps step 2 of iteration k+1 with steps 3-4 of iteration k, bounded by
-`max_staleness` versions; every generated token carries its behaviour version.
+Every generated token carries its behaviour version and the learner reports staleness; the
+asynchronous mode (rollout of k+1 overlapping the update on k, bounded by `max_staleness`) is not
+implemented yet and is refused by `preflight`.
 """
 
 from __future__ import annotations
@@ -53,6 +54,12 @@ def preflight(cfg: Config) -> None:
         envs.make(cfg.game.name, **cfg.game.options)
     except envs.EnvConfigError as e:
         raise ConfigError(f"game.options: {e}") from None
+    if cfg.mode == "async":
+        raise ConfigError("mode: 'async' (rollout overlapping the update, bounded by max_staleness) is not "
+                          "implemented yet; use mode: sync")
+    if cfg.evaluation.every:
+        raise ConfigError("evaluation.every: periodic cross-play evaluation during training is not implemented "
+                          "yet; set it to 0")
     model = Path(cfg.model.path)
     if not (model / "config.json").is_file():
         raise ConfigError(f"model.path: no Hugging Face model at {model} (run `make model`, or set model.path)")

@@ -11,8 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from tests.test_train_e2e import tiny_overrides
+from test_train_e2e import tiny_overrides
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
