@@ -265,6 +265,8 @@ class RolloutWorker:
         batches = [b async for b in self._groups(specs, concurrency)]
         if not refs:
             return batches
+        if not ray.is_initialized():  # ray.put would silently start a local cluster
+            raise RuntimeError("run(refs=True) needs Ray (call it on the actor, or pass refs=False)")
         return [ray.put(b) for b in batches]
 
     async def run_stream(

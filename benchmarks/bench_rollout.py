@@ -144,7 +144,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             "games": args.games,
             "rounds": args.rounds,
             "repeats": args.repeats,
-            "requests": len(worker.engine.requests),
+            "requests_per_phase": len(worker.engine.requests),
             "worker_seconds": round(worker_seconds, 2),
             "raw_seconds": round(raw_seconds, 2),
             "generated_tokens": [int(worker_tokens), int(raw_tokens)],
