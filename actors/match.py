@@ -116,7 +116,11 @@ class _Seat:
         self.traj.n_invalid += int(not self.env.valid(self.agent, text))
 
 
-class _TokenSeat(_Seat):
+class TokenSeat(_Seat):
+    """One token seat's decisions (spec 2.1-2.2): the chat as token ids, free samples, then the guided
+    one. `play_match` drives two seats with it; the Serve app's agent seat against a human uses it
+    alone (`reciprocity/serve_games.py`), so a served agent is prompted exactly as in rollouts."""
+
     def __init__(self, spec: SeatSpec, env: TextGame, seat: int, traj: SeatTrajectory, chat: Chat) -> None:
         super().__init__(spec, env, seat, traj)
         self.chat = chat
@@ -193,14 +197,14 @@ async def play_match(
         )
         for s in (0, 1)
     )
-    players: list[_TokenSeat | _TextSeat] = []
+    players: list[TokenSeat | _TextSeat] = []
     for s, spec in enumerate(seats):
         if spec.is_text:
             players.append(_TextSeat(spec, env, s, trajs[s], player_seed(seed, game_id, s)))
         else:
             if template is None:
                 raise ValueError(f"seat {s} ({spec.policy}) is a token seat: play_match needs a chat template")
-            players.append(_TokenSeat(spec, env, s, trajs[s], template.new_chat()))
+            players.append(TokenSeat(spec, env, s, trajs[s], template.new_chat()))
 
     observations, infos = env.reset(seed=seed)
     rewards: list[list[float]] = [[], []]
