@@ -12,7 +12,7 @@ export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install model train test test-fast lint bench mlflow-ui doctor clean
+.PHONY: install model train test test-fast lint bench mlflow-ui doctor clean browser
 
 install: $(STAMP) model
 
@@ -31,8 +31,14 @@ model: $(STAMP)
 train: install
 	$(BIN)/reciprocity train --config $(CONFIG)
 
-test: install
+test: install browser
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# Headless Chromium and its WebDriver for tests/test_serve_browser.py (Debian packages; once).
+browser:
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium chromium-driver; }
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
