@@ -235,6 +235,7 @@ class RolloutWorker:
 
         t0 = time.perf_counter()
         counts: dict[str, float] = defaultdict(float)
+        api_before = self._api_counts()
         tasks = [asyncio.ensure_future(group(members)) for members in groups.values()]
         try:
             for done in asyncio.as_completed(tasks):
@@ -252,6 +253,8 @@ class RolloutWorker:
                 t.cancel()
             counts["seconds"] = time.perf_counter() - t0
             counts["tokens_per_s"] = counts["generated_tokens"] / counts["seconds"] if counts["seconds"] else 0.0
+            for k, v in self._api_counts().items():
+                counts[f"api_{k}"] = v - api_before.get(k, 0)
             self.last = dict(counts)
             for k, v in counts.items():
                 if k != "tokens_per_s":
@@ -283,9 +286,20 @@ class RolloutWorker:
         if stop is not None:
             stop()
 
+    def _api_counts(self) -> dict[str, int]:
+        """API seats' counters summed over endpoints: requests, retries, reprompts, failed_format,
+        failed_requests, forfeits (decisions played as invalid because the endpoint failed), breaker_skips."""
+        out: dict[str, int] = defaultdict(int)
+        for engine in self._text_engines.values():
+            if isinstance(engine, APIEngine):
+                for k, v in engine.stats.items():
+                    out[k] += v
+        return dict(out)
+
     def stats(self) -> dict[str, Any]:
         """Cumulative counts (games, generated tokens, decisions, invalid, resampled, seconds,
-        runs), the last run's counts, and the loaded adapter keys."""
+        runs, and `api_*`: the API seats' requests, retries, forfeits, ...), the last run's counts,
+        and the loaded adapter keys."""
         return {"totals": dict(self.totals), "last": dict(self.last), "adapters": self.adapters()}
 
 
