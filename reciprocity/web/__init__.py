@@ -1,0 +1,1 @@
+"""The static play page of `reciprocity serve` (shipped as package data)."""
