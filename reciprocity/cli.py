@@ -51,6 +51,27 @@ def play(
     raise typer.Exit(main(env, agents, games, seed, option or [], as_json))
 
 
+@app.command()
+def serve(
+    adapter: Annotated[list[str] | None, typer.Option(help="Serve a PEFT adapter as model NAME: NAME=PATH")] = None,
+    model: Annotated[Path, typer.Option(help="Base model (HF directory)")] = Path("models/smollm2-135m-instruct"),
+    host: Annotated[str, typer.Option(help="Bind address (loopback by default)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="HTTP port")] = 8000,
+    gpus: Annotated[float, typer.Option(min=0, help="GPUs of the engine replica")] = 0.0,
+    address: Annotated[str | None, typer.Option(help="Ray address (or `auto`); default: start a local Ray")] = None,
+) -> None:
+    """Ray Serve app: OpenAI-compatible /v1/chat/completions (model `base` or NAME) and a page to play the agent."""
+    from reciprocity.serve import ServeConfig, ServeError, main, parse_adapters
+
+    try:
+        config = ServeConfig(str(model.resolve()), parse_adapters(adapter or []), host, port, num_gpus=gpus)
+        code = main(config, address)
+    except (ServeError, OSError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    raise typer.Exit(code)
+
+
 @app.command(context_settings={"allow_extra_args": False})
 def train(
     config: Annotated[Path, typer.Option(help="YAML run config")] = Path("configs/smoke.yaml"),
