@@ -38,17 +38,19 @@ def doctor() -> None:
 
 @app.command()
 def play(
-    agents: Annotated[tuple[str, str], typer.Option(help="Two scripted strategies: A B")],
+    agents: Annotated[tuple[str, str], typer.Option(help="Two agent specs A B (scripted NAME, adapter:PATH, "
+                                                       "run:ID[@V], base, api:URL#MODEL)")],
     env: Annotated[str, typer.Option(help="Game: ipd, split_nocomm or trust_and_split")] = "ipd",
     games: Annotated[int, typer.Option(help="Games per seat order")] = 256,
     seed: Annotated[int, typer.Option(help="Game i uses seed + i")] = 0,
     option: Annotated[list[str] | None, typer.Option("--option", "-o", help="Env option KEY=VALUE")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+    config: Annotated[Path | None, typer.Option(help="YAML config: model, sampling (LLM seats)")] = None,
 ) -> None:
-    """Play two scripted strategies against each other in both seat orders and print their figures."""
+    """Play two agents against each other in both seat orders and print their figures."""
     from reciprocity.play import main
 
-    raise typer.Exit(main(env, agents, games, seed, option or [], as_json))
+    raise typer.Exit(main(env, agents, games, seed, option or [], as_json, config))
 
 
 @app.command()
@@ -94,3 +96,23 @@ def train(
     except (ConfigError, TrainError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
+
+
+@app.command()
+def evaluate(
+    specs: Annotated[list[str] | None, typer.Argument(metavar="AGENTS...", show_default=False,
+                                                      help="Agent specs (see sysdesign/evaluation.md)")] = None,
+    _agents: Annotated[bool, typer.Option("--agents", help="Optional marker: --agents A B C ...")] = False,
+    game: Annotated[str, typer.Option(help="Game: ipd, split_nocomm or trust_and_split")] = "ipd",
+    games: Annotated[int, typer.Option(min=1, help="Games per ordered pair")] = 256,
+    config: Annotated[Path | None, typer.Option(help="YAML config: model, rollout sampling, tracking")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output directory (default runs/eval/<game>-<time>)")] = None,
+    parent_run: Annotated[str | None, typer.Option(help="MLflow run to nest the evaluation run under")] = None,
+    seed: Annotated[int, typer.Option(help="Game i of every pair uses seed + i")] = 0,
+    option: Annotated[list[str] | None, typer.Option("--option", "-o", help="Env option KEY=VALUE")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object")] = False,
+) -> None:
+    """Cross-play tournament: every ordered pair of agents (and self-play), exploitability, heatmap, MLflow."""
+    from reciprocity.evaluate import main
+
+    raise typer.Exit(main(game, specs or [], games, config, out, parent_run, seed, option or [], as_json))

@@ -1,17 +1,24 @@
-"""`reciprocity play`: two scripted strategies play each other in both seat orders; prints each
-seat's mean return per game and per round, cooperation figures (IPD), efficiency (Split, TAS) and
-welfare, as a table or as one JSON object (format in sysdesign/games.md)."""
+"""`reciprocity play`: two agents play each other in both seat orders; prints each seat's mean
+return per game and per round, cooperation figures (IPD), efficiency (Split, TAS) and welfare, as a
+table or as one JSON object (format in sysdesign/games.md).
+
+Agents are any spec of reciprocity/agents.py. Two scripted strategies (`NAME` or `scripted:NAME`)
+take the fast path (envs.loop, no torch, Ray or vLLM import); any other seat is played by a rollout
+worker through reciprocity/evaluate.py (`play_agents`), with the model and sampling of `--config`.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from envs import EnvConfigError, check_game
 from envs import scripted as scripted_
 from envs.loop import play_scripted
 from envs.metrics import summarize
+from reciprocity.config import Config, ConfigError, load_config
 
 EXIT_USAGE = 2
 
@@ -27,18 +34,34 @@ def parse_options(items: list[str]) -> dict[str, Any]:
     return options
 
 
-def run(game: str, agents: tuple[str, str], games: int, seed: int, options: dict[str, Any]) -> dict[str, Any]:
+def scripted_name(spec: str) -> str | None:
+    """The strategy of a scripted spec (`NAME` or `scripted:NAME`); None for any other agent form."""
+    name = spec.removeprefix("scripted:")
+    return None if ":" in name or name in ("base", "human") else name
+
+
+def run(
+    game: str, agents: tuple[str, str], games: int, seed: int, options: dict[str, Any], cfg: Config | None = None
+) -> dict[str, Any]:
     """The JSON object of `reciprocity play --json`: one entry per seat order."""
     check_game(game)
-    for name in agents:
-        scripted_.make(game, name)
+    names = [scripted_name(a) for a in agents]
+    orders = [tuple(agents), (agents[1], agents[0])]
+    if names[0] is not None and names[1] is not None:
+        for name in names:
+            scripted_.make(game, name)
+        figures = [summarize(game, play_scripted(game, (a, b), games, seed, **options))
+                   for a, b in ((names[0], names[1]), (names[1], names[0]))]
+    else:
+        import asyncio
+
+        from reciprocity.evaluate import play_agents
+
+        figures = asyncio.run(play_agents(game, agents, games, cfg=cfg, seed=seed, options=options))
     result: dict[str, Any] = {"game": game, "games": games, "seed": seed}
     if options:
         result["options"] = options
-    result["pairs"] = []
-    for order in (agents, (agents[1], agents[0])):
-        records = play_scripted(game, order, games, seed, **options)
-        result["pairs"].append({"agents": list(order), **summarize(game, records)})
+    result["pairs"] = [{"agents": list(order), **f} for order, f in zip(orders, figures, strict=True)]
     return result
 
 
@@ -80,10 +103,24 @@ def print_table(result: dict[str, Any]) -> None:
     console.print(table)
 
 
-def main(game: str, agents: tuple[str, str], games: int, seed: int, options: list[str], as_json: bool) -> int:
+def main(
+    game: str,
+    agents: tuple[str, str],
+    games: int,
+    seed: int,
+    options: list[str],
+    as_json: bool,
+    config: Path | None = None,
+) -> int:
     try:
-        result = run(game, agents, games, seed, parse_options(options))
-    except EnvConfigError as e:
+        cfg = load_config(config) if config else None
+        result = run(game, agents, games, seed, parse_options(options), cfg)
+    except (EnvConfigError, ConfigError, ValueError) as e:
+        agents_module = sys.modules.get("reciprocity.agents")  # imported only for a non-scripted seat
+        if not isinstance(e, EnvConfigError | ConfigError) and not (
+            agents_module is not None and isinstance(e, agents_module.AgentSpecError)
+        ):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     if as_json:
