@@ -3,6 +3,10 @@
 The tracking URI is always explicit (MLflow's default store is relative to the working directory,
 which under `ray job submit` is a temporary copy): `tracking.uri` from the config, else
 `$MLFLOW_TRACKING_URI`, else an absolute `sqlite:///<runs dir>/mlflow.db`.
+
+Nothing secret reaches MLflow: params are the config's redacted flat view, and tags and text
+artifacts (the config YAML) go through `actors.redact.redact_text` (API keys from the environment,
+credentials in URLs, bearer tokens).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import mlflow
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
+from actors.redact import redact_text
 from reciprocity.config import Config
 
 MAX_PARAMS_PER_BATCH = 100
@@ -62,7 +67,7 @@ class Tracker:
                 self.client.log_batch(self.run_id, params=params[i:i + MAX_PARAMS_PER_BATCH])
             all_tags = {"git_commit": git_commit(), **(tags or {})}
             for k, v in all_tags.items():
-                self.client.set_tag(self.run_id, k, v)
+                self.set_tag(k, v)
         else:
             mlflow.start_run(run_id=run_id, log_system_metrics=cfg.tracking.system_metrics)
             self.run_id = run_id
@@ -78,11 +83,19 @@ class Tracker:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def log_artifacts(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(self.run_id, str(path), artifact_path)
+
+    def history(self, keys: list[str]) -> dict[str, list[tuple[int, float]]]:
+        """(step, value) per metric key, over the whole run (a resumed run included)."""
+        return {k: [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, k)] for k in keys}
+
     def log_text(self, text: str, name: str) -> None:
-        self.client.log_text(self.run_id, text, name)
+        """A text artifact (e.g. the config YAML), secrets redacted."""
+        self.client.log_text(self.run_id, redact_text(text), name)
 
     def set_tag(self, key: str, value: str) -> None:
-        self.client.set_tag(self.run_id, key, value)
+        self.client.set_tag(self.run_id, key, redact_text(value))
 
     def finish(self, status: str = "FINISHED") -> None:
         mlflow.end_run(status=status)

@@ -10,19 +10,36 @@ One iteration (synchronous mode), as in sysdesign/architecture.md:
   4. publish: rank 0 exports version k+1; every worker loads it, probes it and serves it; the
      pool records it and freezes a snapshot every K iterations;
   5. log and checkpoint.
-Every generated token carries its behaviour version and the learner reports staleness; the
-asynchronous mode (rollout of k+1 overlapping the update on k, bounded by `max_staleness`) is not
-implemented yet and is refused by `preflight`.
+Every generated token carries its behaviour version and the learner reports staleness.
+
+Asynchronous mode (`mode: async`, `max_staleness >= 1`): the rollout of iteration k+1 starts on
+version k while the learners take the step on iteration k's batch, so rollout and learning overlap;
+the new version is loaded next to the old one (which the running games still use) and the old one is
+retired once that rollout is done. The pipeline is one iteration deep, so a batch is at most one
+version behind the learner (staleness <= 1); the learner's truncated importance weights correct for it.
+
+Faults: a rollout worker that dies mid-iteration is restarted by Ray (`max_restarts`), reloads the
+pool's versions, and replays its share of the games; the driver then checks that the iteration holds
+exactly the planned game ids (none lost, none duplicated).
+
+Periodic evaluation (`evaluation.every`): the current adapter plays each evaluation opponent
+(`scripted:NAME`, `base`, `self`) on the same workers, untrained; figures go to MLflow as
+`eval/<opponent>/<figure>` with an HTML transcript; the curves are re-plotted as a PNG artifact.
 """
 
 from __future__ import annotations
 
 import contextlib
+import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute
 import ray
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -31,16 +48,21 @@ from rich.table import Table
 import envs
 from actors import trajectories
 from actors.adapters import AdapterVersion
+from actors.chat import ChatTemplate
 from actors.pool import OpponentPool
-from actors.worker import MatchSpec, RolloutWorker, SamplingSpec
+from actors.worker import MatchSpec, PlayerSpec, RolloutWorker, SamplingSpec
+from envs import scripted
+from envs.metrics import GameRecord, summarize
 from learner.learner import Learner
 from reciprocity import checkpoint, launcher
 from reciprocity.config import Config, ConfigError
 from reciprocity.metrics import iteration_metrics
 from reciprocity.models import model_sha
+from reciprocity.report import CURVES, RETURN, plot_curves, transcripts_html
 from reciprocity.tracking import Tracker
 
 LEARNER_NAME = "learner"
+EVAL_GAME_ID_BASE = 1 << 40  # evaluation game ids never meet training ones
 console = Console()
 
 
@@ -54,12 +76,9 @@ def preflight(cfg: Config) -> None:
         envs.make(cfg.game.name, **cfg.game.options)
     except envs.EnvConfigError as e:
         raise ConfigError(f"game.options: {e}") from None
-    if cfg.mode == "async":
-        raise ConfigError("mode: 'async' (rollout overlapping the update, bounded by max_staleness) is not "
-                          "implemented yet; use mode: sync")
     if cfg.evaluation.every:
-        raise ConfigError("evaluation.every: periodic cross-play evaluation during training is not implemented "
-                          "yet; set it to 0")
+        for spec in cfg.evaluation.opponents:
+            eval_player(cfg.game.name, spec)
     model = Path(cfg.model.path)
     if not (model / "config.json").is_file():
         raise ConfigError(f"model.path: no Hugging Face model at {model} (run `make model`, or set model.path)")
@@ -126,6 +145,105 @@ def plan_specs(cfg: Config, run_id: str, iteration: int, pool: Any) -> list[Matc
     ]
 
 
+@dataclass
+class Pending:
+    """A rollout in flight: its specs, each worker's share and the futures of the shares."""
+
+    specs: list[MatchSpec]
+    chunks: list[list[MatchSpec]]
+    futures: dict[int, ray.ObjectRef]
+    t0: float
+
+
+def check_game_ids(table: Any, specs: list[MatchSpec]) -> None:
+    """Every planned game came back exactly once (two seat rows per game id), and nothing else."""
+    ids = np.asarray(table.column("game_id"))
+    got, counts = np.unique(ids, return_counts=True)
+    planned = {s.game_id for s in specs}
+    lost = planned - set(got.tolist())
+    extra = set(got.tolist()) - planned
+    dup = got[counts != 2].tolist()
+    if lost or extra or dup:
+        raise TrainError(f"rollout game ids do not match the plan: lost {sorted(lost)[:8]}, unplanned "
+                         f"{sorted(extra)[:8]}, not exactly two seats {dup[:8]}")
+
+
+def _learner_metrics(metrics: dict[str, Any], seconds: float) -> dict[str, Any]:
+    out = {f"learner/{k}": v for k, v in metrics.items() if isinstance(v, int | float)}
+    out["seconds/learn"] = seconds
+    return out
+
+
+# -- periodic evaluation -------------------------------------------------------------------------
+def eval_player(game: str, spec: str) -> PlayerSpec | None:
+    """An evaluation opponent: `scripted:NAME`, `base` (the model without adapter) or `self` (the
+    current adapter; returned as None). Other agent forms belong to `reciprocity evaluate`."""
+    if spec == "self":
+        return None
+    if spec == "base":
+        return PlayerSpec("llm", "base", -1, adapter=None)
+    kind, _, name = spec.partition(":")
+    if kind == "scripted" and name:
+        try:
+            scripted.make(game, name)
+        except envs.EnvConfigError as e:
+            raise ConfigError(f"evaluation.opponents: {e}") from None
+        return PlayerSpec("scripted", name)
+    raise ConfigError(f"evaluation.opponents: {spec!r} is not an opponent for evaluation during training; "
+                      f"use scripted:NAME, base or self (other agents: `reciprocity evaluate`)")
+
+
+def _label(spec: str) -> str:
+    return spec.removeprefix("scripted:")
+
+
+def plan_eval_specs(cfg: Config, run_id: str, iteration: int, me: PlayerSpec) -> list[MatchSpec]:
+    """`evaluation.games` games per opponent; the agent takes seat g mod 2 in game g; group = opponent."""
+    ev = cfg.evaluation
+    sampling = SamplingSpec(temperature=cfg.rollout.temperature, max_tokens=cfg.rollout.max_tokens or None,
+                            free_samples=cfg.rollout.free_samples)
+    specs = []
+    for j, spec in enumerate(ev.opponents):
+        other = eval_player(cfg.game.name, spec) or me
+        for g in range(ev.games):
+            seats = (me, other) if g % 2 == 0 else (other, me)
+            seed = int(np.random.SeedSequence([cfg.seed, iteration, 7, j, g]).generate_state(1)[0] % (2**31))
+            specs.append(MatchSpec(game=cfg.game.name, game_id=EVAL_GAME_ID_BASE + (iteration * len(ev.opponents)
+                                   + j) * ev.games + g, group_id=j, seed=seed, seats=seats,
+                                   options=dict(cfg.game.options), iteration=iteration, run=run_id,
+                                   sampling=sampling))
+    return specs
+
+
+def eval_metrics(table: Any, cfg: Config, me: PlayerSpec) -> dict[str, float]:
+    """`eval/<opponent>/<figure>`: the agent's own figures (its seat in each game) against each
+    opponent, and the opponent's return per round."""
+    import json
+
+    rows = table.filter(pa.compute.equal(table.column("seat"), 0)).select(
+        ["group_id", "policy_name", "policy_version", "info_json"]).to_pylist()
+    out: dict[str, float] = {}
+    for j, spec in enumerate(cfg.evaluation.opponents):
+        by_seat: list[list[GameRecord]] = [[], []]
+        for r in rows:
+            if r["group_id"] == j:
+                mine = r["policy_name"] == me.policy and r["policy_version"] == me.version
+                by_seat[0 if mine else 1].append(GameRecord.from_game_info(json.loads(r["info_json"])))
+        sums: dict[str, list[float]] = {}
+        for seat, records in enumerate(by_seat):
+            if not records:
+                continue
+            for key, value in summarize(cfg.game.name, records).items():
+                pair = value if isinstance(value, list) else [value, value]
+                if pair[seat] is not None:
+                    sums.setdefault(key, []).extend([float(pair[seat])] * len(records))
+                if key == RETURN and pair[1 - seat] is not None:
+                    sums.setdefault(f"opponent_{RETURN}", []).extend([float(pair[1 - seat])] * len(records))
+        for key, values in sums.items():
+            out[f"eval/{_label(spec)}/{key}"] = float(np.mean(values))
+    return out
+
+
 class Trainer:
     def __init__(self, cfg: Config, address: str | None = None, resume: Path | None = None) -> None:
         preflight(cfg)
@@ -145,7 +263,16 @@ class Trainer:
         self.tracker = Tracker(cfg, run_id=self.ckpt_state.run_id if self.ckpt_state else None, tags=tags)
         self.tracker.log_text(Path(self._config_yaml()).read_text(), "config.yaml")
         self.history: list[dict[str, Any]] = []
+        self.template = ChatTemplate.from_pretrained(str(cfg.model.path))  # decodes transcripts
         self._start_actors()
+
+    def iterations(self) -> Iterator[dict[str, Any]]:
+        """Run the remaining iterations (sync or async mode), yielding each one's metrics."""
+        if self.cfg.mode == "async" and self.cfg.max_staleness >= 1:
+            yield from self.steps_async()
+            return
+        while self.iteration < self.cfg.iterations:
+            yield self.step()
 
     def _config_yaml(self) -> Path:
         import yaml
@@ -204,68 +331,178 @@ class Trainer:
         console.print(table)
 
     # -- one iteration -----------------------------------------------------------------------
-    def _sync_adapters(self) -> None:
-        """Every worker holds exactly the pool's versions for this iteration (current + resident
-        snapshots): load what is missing (validated and probed), retire what is no longer used."""
-        versions: list[AdapterVersion] = ray.get(self.pool.versions.remote(self.iteration))
+    def _sync_adapters(self, iteration: int | None = None, unload: bool = True) -> None:
+        """Every worker holds the pool's versions for `iteration` (current + resident snapshots):
+        load what is missing (validated and probed); with `unload`, retire what is no longer used
+        (async mode keeps the previous version while a rollout on it is still running)."""
+        it = self.iteration if iteration is None else iteration
+        versions: list[AdapterVersion] = ray.get(self.pool.versions.remote(it))
         want = {v.key for v in versions}
         for w in self.workers:
             have = set(ray.get(w.adapters.remote()))
             ray.get([w.load_adapter.remote(v) for v in versions if v.key not in have])
-            ray.get([w.unload_adapter.remote(k) for k in have - want])
+            if unload:
+                ray.get([w.unload_adapter.remote(k) for k in have - want])
 
-    def rollout(self, it: int) -> tuple[list[ray.ObjectRef], dict[str, Any]]:
-        cfg = self.cfg
-        t0 = time.perf_counter()
-        self._sync_adapters()
-        specs = plan_specs(cfg, self.tracker.run_id, it, self.pool)
+    def _start_rollout(self, specs: list[MatchSpec]) -> Pending:
+        """Split `specs` across the workers and start playing them (non-blocking)."""
         chunks = [specs[i::len(self.workers)] for i in range(len(self.workers))]
-        results = ray.get([w.run.remote(chunk, cfg.rollout.concurrency)
-                           for w, chunk in zip(self.workers, chunks, strict=True) if chunk])
-        refs = [ref for batch_refs in results for ref in batch_refs]
-        stats: dict[str, Any] = {"seconds/rollout": time.perf_counter() - t0}
+        futures = {i: self.workers[i].run.remote(chunk, self.cfg.rollout.concurrency)
+                   for i, chunk in enumerate(chunks) if chunk}
+        return Pending(specs, chunks, futures, time.perf_counter())
+
+    def _finish_rollout(self, pending: Pending) -> tuple[list[ray.ObjectRef], dict[str, Any]]:
+        """Wait for a rollout; replay the share of a worker that died (Ray restarts it and it
+        reloads the pool's versions); check that exactly the planned game ids came back."""
+        refs: list[ray.ObjectRef] = []
+        replays = 0
+        for i, future in pending.futures.items():
+            for attempt in range(launcher.WORKER_MAX_RESTARTS + 1):
+                try:
+                    refs += ray.get(future)
+                    break
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+                    if attempt == launcher.WORKER_MAX_RESTARTS:
+                        raise TrainError(f"rollout worker {i} died {attempt + 1} times: {e}") from None
+                    replays += 1
+                    console.log(f"[yellow]rollout worker {i} died ({type(e).__name__}); waiting for its "
+                                f"restart to replay {len(pending.chunks[i])} games")
+                    self._await_restart(i)
+                    future = self.workers[i].run.remote(pending.chunks[i], self.cfg.rollout.concurrency)
+        stats: dict[str, Any] = {"seconds/rollout": time.perf_counter() - pending.t0, "rollout/replays": replays}
         lasts = [s["last"] for s in ray.get([w.stats.remote() for w in self.workers])]
         stats["rollout/tokens_per_s"] = sum(s.get("tokens_per_s", 0.0) for s in lasts)
         stats["rollout/worker_seconds_max"] = max((s.get("seconds", 0.0) for s in lasts), default=0.0)
         return refs, stats
 
+    def _await_restart(self, i: int, timeout_s: float = 600.0) -> None:
+        """Block until worker i answers again (Ray restarts it; its `ready` reloads the adapters)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                ray.get(self.workers[i].ready.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                return
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
+                    ray.exceptions.GetTimeoutError) as e:
+                if time.monotonic() > deadline or isinstance(e, ray.exceptions.ActorDiedError):
+                    raise TrainError(f"rollout worker {i} did not come back: {e}") from None
+                time.sleep(1.0)
+
+    def rollout(self, it: int) -> tuple[list[ray.ObjectRef], dict[str, Any]]:
+        """Synchronous rollout of iteration `it` on the current version."""
+        self._sync_adapters()
+        return self._finish_rollout(self._start_rollout(plan_specs(self.cfg, self.tracker.run_id, it, self.pool)))
+
     def learn(self, refs: list[ray.ObjectRef]) -> dict[str, Any]:
         t0 = time.perf_counter()
         metrics = ray.get([a.train_step.remote(refs) for a in self.learners])[0]
-        out = {f"learner/{k}": v for k, v in metrics.items() if isinstance(v, int | float)}
-        out["seconds/learn"] = time.perf_counter() - t0
-        return out
+        return _learner_metrics(metrics, time.perf_counter() - t0)
 
-    def publish(self) -> dict[str, Any]:
+    def publish(self, unload: bool = True) -> dict[str, Any]:
         """Export version k+1, make it the pool's current (snapshot on cadence), serve it."""
         t0 = time.perf_counter()
         self.version += 1
         version = self._export(self.version)
         froze = ray.get(self.pool.set_current.remote(version, self.iteration + 1))
         self.iteration += 1
-        self._sync_adapters()
+        self._sync_adapters(unload=unload)
         errors = [ray.get(w.probe_error.remote(version.key)) for w in self.workers]
+        if froze:
+            self.log_adapter(version)
         return {"seconds/publish": time.perf_counter() - t0, "version": self.version, "snapshot": int(froze),
                 "probe_error": max(errors) if errors else 0.0}
 
-    def step(self) -> dict[str, Any]:
-        it = self.iteration
-        t_iter = time.perf_counter()
-        refs, rollout_stats = self.rollout(it)
+    def _gather(self, refs: list[ray.ObjectRef], specs: list[MatchSpec]) -> tuple[Any, dict[str, Any]]:
+        """The iteration's trajectory table and its game figures (and the game-id check)."""
         t0 = time.perf_counter()
         table = trajectories.concat(ray.get(refs))
+        check_game_ids(table, specs)
         game_metrics = iteration_metrics(table, self.cfg.game.name)
         self.pool.record_batch.remote(table)
-        transfer = time.perf_counter() - t0
+        return table, {**game_metrics, "seconds/transfer": time.perf_counter() - t0}
+
+    def step(self) -> dict[str, Any]:
+        """One synchronous iteration: rollout, learn, publish, log."""
+        it = self.iteration
+        t_iter = time.perf_counter()
+        self._sync_adapters()
+        specs = plan_specs(self.cfg, self.tracker.run_id, it, self.pool)
+        refs, rollout_stats = self._finish_rollout(self._start_rollout(specs))
+        _, game_metrics = self._gather(refs, specs)
         learn_metrics = self.learn(refs)
         pub = self.publish()
-        metrics = {**game_metrics, **rollout_stats, **learn_metrics, **pub, "seconds/transfer": transfer}
+        return self._end_iteration(it, t_iter, {**game_metrics, **rollout_stats, **learn_metrics, **pub})
+
+    def steps_async(self) -> Iterator[dict[str, Any]]:
+        """Asynchronous iterations: rollout of k+1 (on version k) overlaps the update on k."""
+        self._sync_adapters()
+        pending: Pending | None = self._start_rollout(plan_specs(self.cfg, self.tracker.run_id, self.iteration,
+                                                                 self.pool))
+        while pending is not None:
+            it, t_iter = self.iteration, time.perf_counter()
+            refs, rollout_stats = self._finish_rollout(pending)
+            self._sync_adapters()  # retire the version the finished rollout no longer needs
+            _, game_metrics = self._gather(refs, pending.specs)
+            t0 = time.perf_counter()
+            learning = [a.train_step.remote(refs) for a in self.learners]
+            pending = None
+            nxt = it + 1
+            if nxt < self.cfg.iterations and nxt - self.version <= self.cfg.max_staleness:
+                self._sync_adapters(nxt, unload=False)
+                pending = self._start_rollout(plan_specs(self.cfg, self.tracker.run_id, nxt, self.pool))
+            learn_metrics = _learner_metrics(ray.get(learning)[0], time.perf_counter() - t0)
+            pub = self.publish(unload=pending is None)
+            metrics = {**game_metrics, **rollout_stats, **learn_metrics, **pub, "overlapped": int(pending is not None)}
+            yield self._end_iteration(it, t_iter, metrics)
+            if pending is None and self.iteration < self.cfg.iterations:
+                self._sync_adapters()
+                pending = self._start_rollout(plan_specs(self.cfg, self.tracker.run_id, self.iteration, self.pool))
+
+    def _end_iteration(self, it: int, t_iter: float, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Periodic evaluation, MLflow, history, checkpoint (the iteration counter is it + 1)."""
+        ev = self.cfg.evaluation
+        if ev.every and self.iteration % ev.every == 0:
+            metrics.update(self.evaluate())
         metrics["seconds/iteration"] = time.perf_counter() - t_iter
         self.tracker.log_metrics(metrics, step=it)
         self.history.append({"iteration": it, **metrics})
         if self.cfg.checkpoint.every and self.iteration % self.cfg.checkpoint.every == 0:
             self.save_checkpoint()
         return metrics
+
+    # -- evaluation and artifacts ------------------------------------------------------------
+    def evaluate(self) -> dict[str, Any]:
+        """The current adapter (untrained seat) against each evaluation opponent, on the workers."""
+        t0 = time.perf_counter()
+        cfg = self.cfg
+        current = ray.get(self.pool.versions.remote(self.iteration))[0]
+        me = PlayerSpec("llm", current.name, current.version, adapter=current.key)
+        specs = plan_eval_specs(cfg, self.tracker.run_id, self.iteration, me)
+        refs, _ = self._finish_rollout(self._start_rollout(specs))
+        table = trajectories.concat(ray.get(refs))
+        check_game_ids(table, specs)
+        out = eval_metrics(table, cfg, me)
+        page = transcripts_html(table, self.template.decode, f"{cfg.run_name}: evaluation at iteration "
+                                f"{self.iteration} ({current.key})", max_games=2 * len(cfg.evaluation.opponents))
+        self.tracker.log_text(page, f"transcripts/eval-it{self.iteration:04d}.html")
+        out["seconds/evaluate"] = time.perf_counter() - t0
+        return out
+
+    def log_adapter(self, version: AdapterVersion) -> None:
+        """The adapter files of `version` as MLflow artifacts `adapters/v<N>/` (for `run:ID@N` specs)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = version.write(tmp)
+            self.tracker.log_artifacts(path, f"adapters/v{version.version}")
+
+    def log_curves(self) -> None:
+        """Re-plot the run's curves (the whole MLflow history, so a resumed run plots all of it)."""
+        keys = [*CURVES.get(self.cfg.game.name, ()), RETURN]
+        keys += [f"eval/{_label(s)}/{RETURN}" for s in self.cfg.evaluation.opponents]
+        history = self.tracker.history(keys)
+        with tempfile.TemporaryDirectory() as tmp:
+            png = plot_curves(history, self.cfg.game.name, Path(tmp) / "curves.png",
+                              title=f"{self.cfg.run_name}: {self.cfg.game.name} / {self.cfg.method.name}")
+            self.tracker.log_artifact(png, "plots")
 
     # -- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
@@ -276,6 +513,7 @@ class Trainer:
                                  rng={"seed": self.cfg.seed})
         path = checkpoint.commit(tmp, state, self.cfg, self.cfg.checkpoint.keep)
         self.tracker.set_tag("last_checkpoint", str(path))
+        self.log_curves()
         return path
 
     def close(self) -> None:
@@ -295,13 +533,13 @@ def run(cfg: Config, address: str | None = None, resume: Path | None = None) -> 
         with Progress(TextColumn("[bold]iteration"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TimeElapsedColumn(), TextColumn("{task.description}"), console=console) as progress:
             task = progress.add_task("", total=cfg.iterations, completed=trainer.iteration)
-            while trainer.iteration < cfg.iterations:
-                m = trainer.step()
+            for m in trainer.iterations():
                 line = _progress_line(m)
                 progress.update(task, advance=1, description=line)
                 console.log(f"it {trainer.iteration - 1}: {line}")
         if not cfg.checkpoint.every or trainer.iteration % cfg.checkpoint.every:
             trainer.save_checkpoint()
+        trainer.log_adapter(ray.get(trainer.pool.versions.remote(trainer.iteration))[0])
         status = "FINISHED"
     finally:
         trainer.tracker.finish(status)

@@ -48,7 +48,9 @@ def test_train_two_iterations_then_resume(ray_local, tiny_model_dir: Path, tmp_p
     from reciprocity.train import run
 
     overrides = tiny_overrides(tiny_model_dir, tmp_path)
-    cfg = load_config(Path("configs/smoke.yaml"), overrides)
+    evaluation = ["evaluation.every=2", "evaluation.games=2",
+                  "evaluation.opponents=[scripted:always_defect, self]"]
+    cfg = load_config(Path("configs/smoke.yaml"), [*overrides, *evaluation])
     history = run(cfg)
     assert [h["iteration"] for h in history] == [0, 1]
     assert [h["version"] for h in history] == [1, 2]  # a new version published and probed each iteration
@@ -66,6 +68,26 @@ def test_train_two_iterations_then_resume(ray_local, tiny_model_dir: Path, tmp_p
     assert [m.step for m in coop] == [0, 1]
     assert 0.0 <= coop[0].value <= 1.0
     assert client.get_metric_history(run_id, "learner/grad_norm")
+
+    # periodic evaluation after iteration 1 (every 2): the agent's figures against each opponent
+    assert "eval/always_defect/cooperation_rate" not in history[0]
+    assert 0.0 <= history[1]["eval/always_defect/cooperation_rate"] <= 1.0
+    assert history[1]["eval/always_defect/opponent_return_per_round"] >= history[1][
+        "eval/always_defect/return_per_round"]  # always-defect never scores less than its opponent
+    assert "eval/self/return_per_round" in history[1]
+    assert [m.step for m in client.get_metric_history(run_id, "eval/self/return_per_round")] == [1]
+
+    # artifacts: config, snapshots (v1, v2) and the final adapter, the eval transcript, the curves
+    def listing(path: str = "") -> set[str]:
+        return {f.path for f in client.list_artifacts(run_id, path)}
+
+    assert {"config.yaml", "adapters", "transcripts", "plots"} <= listing()
+    assert {"adapters/v1", "adapters/v2"} <= listing("adapters")
+    assert "adapters/v2/adapter_model.safetensors" in listing("adapters/v2")
+    assert listing("transcripts") == {"transcripts/eval-it0002.html"}
+    assert listing("plots") == {"plots/curves.png"}
+    page = Path(client.download_artifacts(run_id, "transcripts/eval-it0002.html", str(tmp_path))).read_text()
+    assert "always_defect" in page and 'class="gen"' in page and "<script" not in page
 
     # resume: one more iteration continues the same MLflow run from the checkpoint
     cfg3 = load_config(Path("configs/smoke.yaml"), [*overrides, "iterations=3"])
