@@ -45,13 +45,13 @@ def run(
 ) -> dict[str, Any]:
     """The JSON object of `reciprocity play --json`: one entry per seat order."""
     check_game(game)
-    names = [scripted_name(a) for a in agents]
+    first, second = scripted_name(agents[0]), scripted_name(agents[1])
     orders = [tuple(agents), (agents[1], agents[0])]
-    if names[0] is not None and names[1] is not None:
-        for name in names:
+    if first is not None and second is not None:
+        for name in (first, second):
             scripted_.make(game, name)
-        figures = [summarize(game, play_scripted(game, (a, b), games, seed, **options))
-                   for a, b in ((names[0], names[1]), (names[1], names[0]))]
+        figures = [summarize(game, play_scripted(game, pair, games, seed, **options))
+                   for pair in ((first, second), (second, first))]
     else:
         import asyncio
 
