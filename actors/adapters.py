@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,18 +52,37 @@ class AdapterVersion:
             )
 
     def write(self, root: str | os.PathLike[str]) -> Path:
-        """Write to a fresh directory under ``root`` atomically (temp dir, then rename)."""
+        """Write to a fresh directory under ``root`` atomically (temp dir, then rename): a crash
+        mid-write leaves only a ``.tmp-*`` directory, never a partial version directory. An
+        existing directory is reused only when its bytes match the sha256 (else rewritten)."""
         self.check_sha()
         root = Path(root)
         root.mkdir(parents=True, exist_ok=True)
         final = root / f"{self.name}-v{self.version}-{self.sha256[:12]}"
         if final.exists():
-            return final
+            if self._matches(final):
+                return final
+            stale = Path(tempfile.mkdtemp(dir=root, prefix=".stale-"))
+            os.replace(final, stale / "old")
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
         (tmp / "adapter_model.safetensors").write_bytes(self.data)
         (tmp / "adapter_config.json").write_text(json.dumps(self.config, indent=1))
-        os.replace(tmp, final)
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another writer of the same version won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not self._matches(final):
+                raise
         return final
+
+    def _matches(self, path: Path) -> bool:
+        try:
+            data = (path / "adapter_model.safetensors").read_bytes()
+            json.loads((path / "adapter_config.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return hashlib.sha256(data).hexdigest() == self.sha256
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike[str], name: str, version: int) -> AdapterVersion:

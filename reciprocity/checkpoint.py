@@ -1,5 +1,9 @@
 """Checkpoints: a directory per checkpoint, written to a temp name and renamed into place, so a
-crash mid-write leaves the previous checkpoint intact.
+crash mid-write leaves the previous checkpoint intact (tests/test_atomic_writes.py kills writers
+with SIGKILL at random moments). Files are fsynced before the rename, so the rename never
+publishes a directory whose data is still only in the page cache. A directory counts as a
+checkpoint only once its state.json parses; debris of a crashed write (`.tmp-*`, `.old-*`) is
+removed by the next `begin`.
 
 Layout of `<run dir>/checkpoints/it-000010/`:
   state.json         iteration, adapter version, MLflow run id, config fingerprint, RNG state
@@ -12,10 +16,11 @@ Layout of `<run dir>/checkpoints/it-000010/`:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +29,7 @@ import yaml
 from reciprocity.config import Config, ConfigError
 
 PREFIX = "it-"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -40,23 +46,71 @@ def checkpoints_dir(run_dir: Path) -> Path:
 
 
 def begin(run_dir: Path, iteration: int) -> Path:
-    """A temp directory to fill; hand it to `commit`."""
+    """A temp directory to fill; hand it to `commit`. Removes the debris of crashed writes."""
     root = checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
+    for debris in [*root.glob(f".tmp-{PREFIX}*"), *root.glob(f".old-{PREFIX}*")]:
+        shutil.rmtree(debris, ignore_errors=True)
     return Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{PREFIX}{iteration:06d}-"))
 
 
 def commit(tmp: Path, state: State, cfg: Config, keep: int) -> Path:
-    """Write state and config into `tmp`, rename it into place, keep the newest `keep`."""
+    """Write state and config into `tmp`, fsync it, rename it into place, keep the newest `keep`.
+    A checkpoint of the same iteration is first renamed away (never deleted in place: a crash
+    half-way through deleting it would leave a directory that still looks complete)."""
     (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
     (tmp / "state.json").write_text(json.dumps(asdict(state), indent=1))
-    final = tmp.parent / f"{PREFIX}{state.iteration:06d}"
+    _fsync_tree(tmp)
+    root = tmp.parent
+    final = root / f"{PREFIX}{state.iteration:06d}"
+    old = None
     if final.exists():
-        shutil.rmtree(final)
+        old = root / f".old-{final.name}-{os.getpid()}"
+        os.replace(final, old)
     os.replace(tmp, final)
-    for old in sorted(_complete(tmp.parent))[:-keep]:
+    _fsync_dir(root)
+    if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+    for stale in sorted(_complete(root))[:-keep]:
+        gone = root / f".old-{stale.name}-{os.getpid()}"
+        os.replace(stale, gone)  # out of sight first, then delete
+        shutil.rmtree(gone, ignore_errors=True)
     return final
+
+
+def _fsync_tree(path: Path) -> None:
+    for d, _, files in os.walk(path):
+        for f in files:
+            fd = os.open(os.path.join(d, f), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(d))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def _read_state(ckpt: Path) -> State | None:
+    """The checkpoint's state, or None when state.json is missing or does not parse."""
+    try:
+        data = json.loads((ckpt / "state.json").read_text())
+        names = {f.name for f in fields(State)}
+        if not isinstance(data, dict) or set(data) != names:
+            raise ValueError(f"fields {sorted(data) if isinstance(data, dict) else type(data).__name__}")
+        return State(**data)
+    except (OSError, ValueError, TypeError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        if (ckpt / "state.json").exists():
+            log.warning("checkpoint %s is unreadable (%s); skipping it", ckpt, e)
+        return None
 
 
 def _complete(root: Path) -> list[Path]:
@@ -64,9 +118,12 @@ def _complete(root: Path) -> list[Path]:
 
 
 def latest(run_dir: Path) -> Path | None:
+    """The newest checkpoint whose state.json parses (a damaged newer one is skipped, with a warning)."""
     root = checkpoints_dir(run_dir)
-    done = sorted(_complete(root)) if root.is_dir() else []
-    return done[-1] if done else None
+    for ckpt in sorted(_complete(root), reverse=True) if root.is_dir() else []:
+        if _read_state(ckpt) is not None:
+            return ckpt
+    return None
 
 
 def load(run_dir: Path, cfg: Config) -> tuple[Path, State]:
@@ -74,10 +131,14 @@ def load(run_dir: Path, cfg: Config) -> tuple[Path, State]:
     ckpt = latest(run_dir)
     if ckpt is None:
         raise ConfigError(f"--resume {run_dir}: no complete checkpoint under {checkpoints_dir(run_dir)}")
-    state = State(**json.loads((ckpt / "state.json").read_text()))
+    state = _read_state(ckpt)
+    assert state is not None
     if state.fingerprint != cfg.fingerprint():
-        saved = Config.model_validate(yaml.safe_load((ckpt / "config.yaml").read_text()))
-        diff = _first_difference(saved.flat(), cfg.flat())
+        try:
+            saved = Config.model_validate(yaml.safe_load((ckpt / "config.yaml").read_text()))
+            diff = _first_difference(saved.flat(), cfg.flat())
+        except (OSError, ValueError, yaml.YAMLError):  # pydantic's ValidationError is a ValueError
+            diff = f"fingerprint {state.fingerprint}, now {cfg.fingerprint()}"
         raise ConfigError(f"--resume {run_dir}: the checkpoint was made with another config ({diff})")
     return ckpt, state
 
