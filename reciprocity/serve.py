@@ -20,6 +20,7 @@ import importlib
 import json
 import logging
 import re
+import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
@@ -265,12 +267,17 @@ def start(config: ServeConfig, name: str = "reciprocity") -> Any:
     return serve.run(app(config), name=name, route_prefix="/", blocking=False)
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main(config: ServeConfig, address: str | None = None) -> int:
     """`reciprocity serve`: check, deploy, print the URL, serve until interrupted."""
     from reciprocity.launcher import init_ray
 
     check_adapters(config)  # fail fast, before Ray and a tens-of-seconds engine start
     init_ray(address)
+    signal.signal(signal.SIGTERM, _interrupt)  # after Ray's own handler: `kill` stops it as cleanly as Ctrl-C
     try:
         start(config)
         url = f"http://{config.host}:{config.port}"
@@ -281,3 +288,4 @@ def main(config: ServeConfig, address: str | None = None) -> int:
         return 0
     finally:
         serve.shutdown()
+        ray.shutdown()  # the local Ray's processes go with the driver
