@@ -6,10 +6,10 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -18,6 +18,19 @@ class ConfigError(ValueError):
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, v: Any, info: ValidationInfo) -> Any:
+        """YAML reads yes/no/on/off/true as booleans and pydantic would take them for 1/0: refuse a
+        boolean where a number is expected."""
+        if isinstance(v, bool) and info.field_name is not None:
+            annotation = cls.model_fields[info.field_name].annotation
+            if annotation in (int, float) or (get_origin(annotation) is Literal and bool not in map(
+                    type, get_args(annotation))):
+                raise ValueError(f"expected a number, got the boolean {str(v).lower()} (YAML reads yes/no/on/off "
+                                 "as booleans)")
+        return v
 
 
 class Game(Section):
@@ -133,8 +146,11 @@ class Config(Section):
         d = self.model_dump(exclude={"iterations": True, "tracking": True, "checkpoint": True, "evaluation": True})
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
-    def flat(self) -> dict[str, str]:
-        """Flattened `a.b.c -> value` view (MLflow params)."""
+    def flat(self, redact: bool = True) -> dict[str, str]:
+        """Flattened `a.b.c -> value` view (MLflow params). Secrets are redacted (`actors.redact`):
+        a secret-named key's value, credentials in URLs, known keys from the environment."""
+        from actors.redact import MASK, is_secret_name, redact_text
+
         out: dict[str, str] = {}
 
         def walk(prefix: str, obj: Any) -> None:
@@ -142,7 +158,11 @@ class Config(Section):
                 for k, v in obj.items():
                     walk(f"{prefix}.{k}" if prefix else k, v)
             else:
-                out[prefix] = json.dumps(obj) if isinstance(obj, list) else str(obj)
+                value = json.dumps(obj) if isinstance(obj, list) else str(obj)
+                if redact:
+                    leaf = prefix.rsplit(".", 1)[-1]
+                    value = MASK if is_secret_name(leaf) and obj not in (None, "") else redact_text(value)
+                out[prefix] = value
 
         walk("", self.model_dump())
         return out
@@ -179,16 +199,39 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     node[parts[-1]] = value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last one
+    silently: `beta: 0.5` ... `beta: 5` would train with 5)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may be overridden below it
+                continue
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: SafeLoader reports it
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
         except OSError as e:
             raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}): not a YAML config") from None
         try:
-            data = yaml.safe_load(text) or {}
+            data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""
