@@ -20,9 +20,12 @@ matrix and of exploitability are in sysdesign/evaluation.md.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +64,21 @@ class NoEngine:
 
     async def unload_adapter(self, key: str) -> None:
         return None
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Route the process's stdout (fd 1, which vLLM's logger and engine processes write to) to
+    stderr while an engine runs, so that a command's stdout carries only its result (`--json`)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def resolve(game: str, agents: Sequence[str | Agent], cfg: Config, command: str = "evaluate") -> list[Agent]:
@@ -329,7 +347,6 @@ def main(
 ) -> int:
     """`reciprocity evaluate`: exit 0, or 2 with one line for a bad spec, option, config or parent run."""
     import json
-    import sys
 
     from mlflow.exceptions import MlflowException
 
@@ -344,7 +361,8 @@ def main(
         out = out or Path(cfg.runs_dir) / "eval" / f"{game}-{time.strftime('%Y%m%d-%H%M%S')}"
         if not specs:
             raise AgentSpecError("no agents given: reciprocity evaluate --game G --agents A B ...")
-        result = evaluate(game, specs, games, cfg=cfg, seed=seed, options=opts, out=out, parent_run=parent_run)
+        with stdout_to_stderr():
+            result = evaluate(game, specs, games, cfg=cfg, seed=seed, options=opts, out=out, parent_run=parent_run)
     except (AgentSpecError, envs.EnvConfigError, ConfigError, MlflowException) as e:
         line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"error: {line}", file=sys.stderr)

@@ -55,9 +55,10 @@ def run(
     else:
         import asyncio
 
-        from reciprocity.evaluate import play_agents
+        from reciprocity.evaluate import play_agents, stdout_to_stderr
 
-        figures = asyncio.run(play_agents(game, agents, games, cfg=cfg, seed=seed, options=options))
+        with stdout_to_stderr():  # vLLM's logs must not mix with the JSON on stdout
+            figures = asyncio.run(play_agents(game, agents, games, cfg=cfg, seed=seed, options=options))
     result: dict[str, Any] = {"game": game, "games": games, "seed": seed}
     if options:
         result["options"] = options

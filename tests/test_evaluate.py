@@ -153,6 +153,17 @@ def test_play_routes_other_agents_through_evaluate(monkeypatch: pytest.MonkeyPat
     assert [p["agents"] for p in out["pairs"]] == [["base", "scripted:tit_for_tat"], ["scripted:tit_for_tat", "base"]]
 
 
+def test_engine_chatter_goes_to_stderr(capfd: pytest.CaptureFixture[str]) -> None:
+    """vLLM logs to fd 1 (and its engine processes inherit it): --json output must stay clean."""
+    import os
+
+    with ev.stdout_to_stderr():
+        os.write(1, b"engine log line\n")
+    os.write(1, b"{}\n")
+    out, err = capfd.readouterr()
+    assert out == "{}\n" and err == "engine log line\n"
+
+
 # -- an API seat: a worker with no LLM engine ---------------------------------------------------------
 @pytest.fixture()
 def always_a_endpoint() -> Iterator[str]:
