@@ -96,6 +96,15 @@ class ChatRequest(BaseModel):
     structured_outputs: _Structured | None = None
 
 
+def _client_errors() -> tuple[type[Exception], ...]:
+    """What an engine raises for a bad request (vLLM: VLLMClientError, e.g. a grammar error)."""
+    try:
+        from vllm.exceptions import VLLMClientError
+    except ImportError:
+        return (ValueError,)
+    return (ValueError, VLLMClientError)
+
+
 def parse_request(body: Any) -> ChatRequest:
     """The body as a ChatRequest; APIRequestError(400) naming the first bad field."""
     if not isinstance(body, dict):
@@ -183,7 +192,7 @@ class ChatService:
             gen = await self.engine.generate(ids, sampling, self.models[req.model])
         except UnknownAdapterError:
             raise unknown_model(req.model, list(self.models)) from None
-        except ValueError as e:  # vLLM rejects the request (e.g. a regex its grammar engine cannot compile)
+        except _client_errors() as e:  # the engine rejects the request (e.g. a regex its grammar cannot compile)
             raise APIRequestError(400, f"the engine refused the request: {str(e)[:300]}") from None
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",

@@ -94,9 +94,15 @@ def test_bad_requests_are_400(url: str, body: dict, param: str) -> None:
     assert r.json()["error"]["type"] == "invalid_request_error"
 
 
-def test_malformed_json_is_400(url: str) -> None:
+def test_malformed_json_and_a_bad_regex_are_400(url: str) -> None:
     r = httpx.post(f"{url}/v1/chat/completions", content=b"{not json", timeout=60)
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    body = {"model": "alpha", "messages": [{"role": "user", "content": "x"}], "max_tokens": 4,
+            "structured_outputs": {"regex": "(<A>|<B"}}  # fmt: skip
+    r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    body["structured_outputs"] = {"regex": IPD}  # the engine survived the bad one
+    assert httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).json()["choices"][0]["message"]["content"]
 
 
 def no_engine(config: dict) -> object:
