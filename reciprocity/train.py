@@ -168,6 +168,17 @@ def check_game_ids(table: Any, specs: list[MatchSpec]) -> None:
                          f"{sorted(extra)[:8]}, not exactly two seats {dup[:8]}")
 
 
+class LearnerLost(RuntimeError):
+    """A learner rank died (its process is gone); the driver restores from the last checkpoint."""
+
+
+def _learner_get(refs: list[ray.ObjectRef]) -> list[Any]:
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayActorError as e:
+        raise LearnerLost(f"a learner rank died ({type(e).__name__})") from e
+
+
 def _learner_metrics(metrics: dict[str, Any], seconds: float) -> dict[str, Any]:
     out = {f"learner/{k}": v for k, v in metrics.items() if isinstance(v, int | float)}
     out["seconds/learn"] = seconds
@@ -264,15 +275,47 @@ class Trainer:
         self.tracker.log_text(Path(self._config_yaml()).read_text(), "config.yaml")
         self.history: list[dict[str, Any]] = []
         self.template = ChatTemplate.from_pretrained(str(cfg.model.path))  # decodes transcripts
+        self._pending: Pending | None = None  # the async rollout in flight
+        self.restores = 0
         self._start_actors()
 
     def iterations(self) -> Iterator[dict[str, Any]]:
-        """Run the remaining iterations (sync or async mode), yielding each one's metrics."""
-        if self.cfg.mode == "async" and self.cfg.max_staleness >= 1:
-            yield from self.steps_async()
-            return
+        """Run the remaining iterations (sync or async mode), yielding each one's metrics. A learner
+        rank that dies is replaced and the run goes on from the last checkpoint (`_recover`)."""
         while self.iteration < self.cfg.iterations:
-            yield self.step()
+            try:
+                if self.cfg.mode == "async" and self.cfg.max_staleness >= 1:
+                    yield from self.steps_async()
+                else:
+                    while self.iteration < self.cfg.iterations:
+                        yield self.step()
+            except LearnerLost as e:
+                self._recover(e)
+
+    def _recover(self, lost: LearnerLost) -> None:
+        """Replace every learner rank (a ZeRO group cannot lose one) and restore learners, pool and
+        counters from the last checkpoint; the iterations after it are re-run and re-logged at the
+        same MLflow steps. The workers keep their engines and resync their adapters."""
+        found = checkpoint.latest(self.run_dir)
+        if found is None:
+            raise TrainError(f"{lost}; no checkpoint to restore from (set checkpoint.every)") from None
+        console.log(f"[yellow]{lost}: restoring the learners from {found.name}")
+        t0 = time.perf_counter()
+        if self._pending is not None:  # let the orphaned rollout end before its adapters are retired
+            ray.wait(list(self._pending.futures.values()), num_returns=len(self._pending.futures), timeout=600)
+            self._pending = None
+        for a in self.learners:
+            with contextlib.suppress(Exception):
+                ray.kill(a)
+        self._start_learners()
+        ckpt_dir, state = checkpoint.load(self.run_dir, self.cfg)
+        self._restore(ckpt_dir, state)
+        self._sync_adapters()
+        self.history = [h for h in self.history if h["iteration"] < self.iteration]
+        self.restores += 1
+        self.tracker.set_tag("learner_restores", str(self.restores))
+        self.tracker.log_metrics({"recovery/seconds": time.perf_counter() - t0, "recovery/to_iteration":
+                                  self.iteration}, step=self.iteration)
 
     def _config_yaml(self) -> Path:
         import yaml
@@ -282,9 +325,8 @@ class Trainer:
         return p
 
     # -- actors ------------------------------------------------------------------------------
-    def _start_actors(self) -> None:
+    def _start_learners(self) -> None:
         cfg = self.cfg
-        self.placement = launcher.place(cfg)
         learner_cls = launcher.actor_class(Learner)
         lcfg = learner_config(cfg)
         rank0 = learner_cls.options(**self.placement.learner_options(0, cfg)).remote(
@@ -296,15 +338,24 @@ class Trainer:
             for r in range(1, cfg.learner.ranks)
         ]
         ray.get([a.ready.remote() for a in self.learners])
+
+    def _restore(self, ckpt_dir: Path, state: checkpoint.State) -> None:
+        """Learner ranks and pool from a checkpoint; the iteration and version counters with them."""
+        ray.get([a.load_checkpoint.remote(str(ckpt_dir / "learner")) for a in self.learners])
+        self.version, self.iteration = state.version, state.iteration
+        pool_state, adapters = checkpoint.load_pool(ckpt_dir)
+        ray.get(self.pool.load_state_dict.remote(pool_state, adapters))
+
+    def _start_actors(self) -> None:
+        cfg = self.cfg
+        self.placement = launcher.place(cfg)
+        self._start_learners()
         self.version, self.iteration = 0, 0
         self.pool = launcher.actor_class(OpponentPool).options(num_cpus=0).remote(
             snapshot_every=cfg.buffer.snapshot_every, max_resident=cfg.buffer.resident_max,
             p_buffer=cfg.buffer.p_snapshot, use_buffer=cfg.buffer.enabled, seed=cfg.seed)
         if self.ckpt_state is not None and self.ckpt_dir is not None:
-            ray.get([a.load_checkpoint.remote(str(self.ckpt_dir / "learner")) for a in self.learners])
-            self.version, self.iteration = self.ckpt_state.version, self.ckpt_state.iteration
-            state, adapters = checkpoint.load_pool(self.ckpt_dir)
-            ray.get(self.pool.load_state_dict.remote(state, adapters))
+            self._restore(self.ckpt_dir, self.ckpt_state)
         else:
             ray.get(self.pool.set_current.remote(self._export(self.version), 0))
         worker_cls = launcher.actor_class(RolloutWorker)
@@ -316,7 +367,7 @@ class Trainer:
 
     def _export(self, version: int) -> AdapterVersion:
         """Rank 0's export of the current adapter as `version` (every rank joins: ZeRO-3 gathers)."""
-        return ray.get([a.export.remote(version) for a in self.learners])[0]
+        return _learner_get([a.export.remote(version) for a in self.learners])[0]
 
     def _report_placement(self) -> None:
         table = Table(title="placement")
@@ -395,7 +446,7 @@ class Trainer:
 
     def learn(self, refs: list[ray.ObjectRef]) -> dict[str, Any]:
         t0 = time.perf_counter()
-        metrics = ray.get([a.train_step.remote(refs) for a in self.learners])[0]
+        metrics = _learner_get([a.train_step.remote(refs) for a in self.learners])[0]
         return _learner_metrics(metrics, time.perf_counter() - t0)
 
     def publish(self, unload: bool = True) -> dict[str, Any]:
@@ -439,6 +490,7 @@ class Trainer:
         pending: Pending | None = self._start_rollout(plan_specs(self.cfg, self.tracker.run_id, self.iteration,
                                                                  self.pool))
         while pending is not None:
+            self._pending = pending
             it, t_iter = self.iteration, time.perf_counter()
             refs, rollout_stats = self._finish_rollout(pending)
             self._sync_adapters()  # retire the version the finished rollout no longer needs
@@ -450,7 +502,8 @@ class Trainer:
             if nxt < self.cfg.iterations and nxt - self.version <= self.cfg.max_staleness:
                 self._sync_adapters(nxt, unload=False)
                 pending = self._start_rollout(plan_specs(self.cfg, self.tracker.run_id, nxt, self.pool))
-            learn_metrics = _learner_metrics(ray.get(learning)[0], time.perf_counter() - t0)
+            self._pending = pending
+            learn_metrics = _learner_metrics(_learner_get(learning)[0], time.perf_counter() - t0)
             pub = self.publish(unload=pending is None)
             metrics = {**game_metrics, **rollout_stats, **learn_metrics, **pub, "overlapped": int(pending is not None)}
             yield self._end_iteration(it, t_iter, metrics)
@@ -465,10 +518,11 @@ class Trainer:
             metrics.update(self.evaluate())
         metrics["seconds/iteration"] = time.perf_counter() - t_iter
         self.tracker.log_metrics(metrics, step=it)
-        self.history.append({"iteration": it, **metrics})
+        record = {"iteration": it, **metrics}
+        self.history.append(record)
         if self.cfg.checkpoint.every and self.iteration % self.cfg.checkpoint.every == 0:
             self.save_checkpoint()
-        return metrics
+        return record
 
     # -- evaluation and artifacts ------------------------------------------------------------
     def evaluate(self) -> dict[str, Any]:
@@ -507,7 +561,7 @@ class Trainer:
     # -- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
         tmp = checkpoint.begin(self.run_dir, self.iteration)
-        ray.get([a.save_checkpoint.remote(str(tmp / "learner")) for a in self.learners])
+        _learner_get([a.save_checkpoint.remote(str(tmp / "learner")) for a in self.learners])
         checkpoint.save_pool(tmp, ray.get(self.pool.state_dict.remote()), ray.get(self.pool.adapters.remote()))
         state = checkpoint.State(self.iteration, self.version, self.tracker.run_id, self.cfg.fingerprint(),
                                  rng={"seed": self.cfg.seed})
