@@ -27,7 +27,8 @@ PASSED_ENV = ("MLFLOW_TRACKING_URI", "VLLM_CPU_KVCACHE_SPACE", "TOKENIZERS_PARAL
 
 def init_ray(address: str | None) -> None:
     """Join a cluster (`address` given, `auto`, or `$RAY_ADDRESS` set as inside `ray job submit`),
-    else start a local Ray (the embedded default)."""
+    else start a local Ray (the embedded default): no dashboard, and every Ray server (GCS, raylet,
+    object manager, workers, agents) listening on 127.0.0.1 only (see `_loopback_only`)."""
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
@@ -36,8 +37,23 @@ def init_ray(address: str | None) -> None:
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
+        _loopback_only()
         ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, runtime_env=runtime_env,
                  log_to_driver=True)
+
+
+def _loopback_only() -> None:
+    """Make a local Ray advertise and bind 127.0.0.1. Ray 2.60 gives a local instance the machine's
+    network address, and its gRPC servers then listen on every interface (0.0.0.0 / ::): with token
+    auth disabled (RAY_AUTH_MODE=disabled, as the Makefile sets) anyone on the network could submit
+    code. With a loopback node address they listen on 127.0.0.1 only (tests/test_security.py lists
+    the sockets). Ray's switch for that is `ENABLE_RAY_CLUSTER` (env RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER,
+    read when ray is imported, meant for laptops): set the environment for the processes Ray starts
+    and the constant for this one."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def _ready(pg: PlacementGroup, what: str) -> PlacementGroup:
