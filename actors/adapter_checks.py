@@ -39,6 +39,9 @@ def read_safetensors_header(data: bytes, what: str = "safetensors") -> dict[str,
         raise AdapterError(f"{what}: header is not valid JSON ({e})") from e
     if not isinstance(header, dict):
         raise AdapterError(f"{what}: header is not a JSON object")
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise AdapterError(f"{what}: __metadata__ must map strings to strings")
     body = len(data) - 8 - n
     out: dict[str, tuple[str, tuple[int, ...]]] = {}
     for name, meta in header.items():
@@ -50,9 +53,13 @@ def read_safetensors_header(data: bytes, what: str = "safetensors") -> dict[str,
 
 def _check_entry(name: str, meta: Any, body: int, what: str) -> tuple[str, tuple[int, ...]]:
     try:
-        dtype, shape, (start, end) = meta["dtype"], tuple(int(s) for s in meta["shape"]), meta["data_offsets"]
+        dtype, shape, (start, end) = meta["dtype"], meta["shape"], meta["data_offsets"]
+        if not (isinstance(dtype, str) and isinstance(shape, list) and all(_count(x) for x in shape)
+                and _count(start) and _count(end)):
+            raise TypeError("dtype must be a string, shape and data_offsets non-negative integers")
+        shape = tuple(shape)
     except (KeyError, TypeError, ValueError) as e:
-        raise AdapterError(f"{what}: malformed header entry for {name}: {meta!r}") from e
+        raise AdapterError(f"{what}: malformed header entry for {name}: {str(meta)[:200]}") from e
     size = _DTYPE_BYTES.get(dtype)
     if size is None:
         raise AdapterError(f"{what}: tensor {name} has unsupported dtype {dtype}")
@@ -121,7 +128,47 @@ def check_adapter(version: AdapterVersion, base: BaseModel, max_rank: int) -> di
     return ranks
 
 
+def _count(x: Any) -> bool:
+    """A non-negative integer (JSON numbers only: not a bool, not a float)."""
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _positive_number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def _check_types(cfg: Any, what: str) -> None:
+    """The config's fields the engine reads have the types PEFT writes (a malformed config must
+    fail here with a clear message, not as a TypeError deep in a check or in vLLM's worker)."""
+    if not isinstance(cfg, dict):
+        raise AdapterError(f"{what}: adapter_config is a {type(cfg).__name__}, not a JSON object")
+    problems = []
+    if not (_count(cfg.get("r")) and cfg["r"] >= 1):
+        problems.append(f"r={cfg.get('r')!r} (a positive integer)")
+    if not _positive_number(cfg.get("lora_alpha")):
+        problems.append(f"lora_alpha={cfg.get('lora_alpha')!r} (a positive number)")
+    targets = cfg.get("target_modules")
+    if not (isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
+        problems.append(f"target_modules={targets!r} (a regex string or a list of module names)")
+    for key, ok in (("rank_pattern", lambda v: _count(v) and v >= 1), ("alpha_pattern", _positive_number)):
+        pattern = cfg.get(key) or {}
+        if not (isinstance(pattern, dict) and all(isinstance(k, str) and ok(v) for k, v in pattern.items())):
+            problems.append(f"{key}={pattern!r} (module pattern -> positive number)")
+    for key in ("base_model_name_or_path", "peft_type", "bias"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], str):
+            problems.append(f"{key}={cfg[key]!r} (a string)")
+    if problems:
+        raise AdapterError(f"{what}: malformed adapter_config: {'; '.join(problems)}"[:600])
+    for regex in ([targets] if isinstance(targets, str) else []) + list(cfg.get("rank_pattern") or {}) + list(
+            cfg.get("alpha_pattern") or {}):
+        try:
+            re.compile(regex)
+        except re.error as e:
+            raise AdapterError(f"{what}: adapter_config pattern {regex!r} is not a valid regex: {e}") from e
+
+
 def _check_config(cfg: dict[str, Any], base: BaseModel, what: str) -> None:
+    _check_types(cfg, what)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{what}: peft_type {cfg.get('peft_type')!r} is not LORA")
     for flag in (
@@ -138,8 +185,6 @@ def _check_config(cfg: dict[str, Any], base: BaseModel, what: str) -> None:
         raise AdapterError(f"{what}: modules_to_save {cfg['modules_to_save']} cannot be served (LoRA A/B only)")
     if cfg.get("bias", "none") != "none":
         raise AdapterError(f"{what}: bias={cfg['bias']!r} is not supported (use 'none')")
-    if not isinstance(cfg.get("r"), int) or cfg["r"] < 1 or not cfg.get("lora_alpha"):
-        raise AdapterError(f"{what}: config needs a positive integer r and lora_alpha, got r={cfg.get('r')!r}")
     name = cfg.get("base_model_name_or_path")
     if not base.accepts_name(name):
         raise AdapterError(f"{what}: built for base model {name!r}, but this engine serves {base.path}")
@@ -165,8 +210,8 @@ def _check_shapes(
         if set(ab) != {"lora_A", "lora_B"} or len(w) != 2:
             raise AdapterError(f"{what}: module {module} needs 2-d lora_A and lora_B, has {sorted(ab)}")
         a, b = ab["lora_A"], ab["lora_B"]
-        r = a[0]
-        if a != (r, w[1]) or b != (w[0], r):
+        r = a[0] if a else 0
+        if r < 1 or a != (r, w[1]) or b != (w[0], r):
             raise AdapterError(
                 f"{what}: shape mismatch at {module}: lora_A {list(a)}, lora_B {list(b)} do not fit the base "
                 f"layer [out={w[0]}, in={w[1]}] (adapter built for another base model?)"

@@ -12,10 +12,14 @@ import dataclasses
 import hashlib
 import json
 import math
+import struct
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from vllm_support import LoopThread, make_adapter
 
 from actors.adapter_checks import BaseModel, check_adapter, read_safetensors_header
@@ -162,6 +166,62 @@ def test_checks_reject_nan_and_foreign_modules(tiny_model_dir: Path, adapters: d
         check_adapter(with_data(good, save(renamed)), base, 16)
 
 
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=8,
+)
+CONFIG_KEYS = ["r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "base_model_name_or_path",
+               "peft_type", "use_dora", "modules_to_save", "bias", "fan_in_fan_out", "layer_replication"]
+
+
+def test_checks_raise_only_adapter_error(adapters: dict[str, Path], tiny_model_dir: Path) -> None:
+    """2,000 corrupted versions (byte flips, truncations, mutated safetensors headers, config
+    fields of any JSON type, configs that are not objects), each with a matching sha256 (the
+    corruption happened before hashing): every one is either accepted or rejected with an
+    AdapterError, never another exception (which the engine would not count as a rejection)."""
+    base = BaseModel.from_dir(tiny_model_dir)
+    good = version_of(adapters["a"], "p", 1, tiny_model_dir)
+    (n,) = struct.unpack("<Q", good.data[:8])
+    header = json.loads(good.data[8 : 8 + n])
+    outcomes: Counter = Counter()
+
+    @settings(max_examples=2000, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(st.data())
+    def run(data: st.DataObject) -> None:
+        kind = data.draw(st.sampled_from(["flip", "truncate", "header", "config", "config_type"]))
+        raw, config = good.data, dict(good.config)
+        if kind == "flip":
+            flipped = bytearray(raw)
+            for _ in range(data.draw(st.integers(1, 4))):
+                flipped[data.draw(st.integers(0, 8 + n + 63))] = data.draw(st.integers(0, 255))
+            raw = bytes(flipped)
+        elif kind == "truncate":
+            raw = raw[: data.draw(st.integers(0, len(raw) - 1))]
+        elif kind == "header":
+            h = json.loads(json.dumps(header))
+            name = data.draw(st.sampled_from(sorted(h)))
+            if name == "__metadata__" or data.draw(st.booleans()):
+                h[name] = data.draw(JSON)
+            else:
+                h[name][data.draw(st.sampled_from(["dtype", "shape", "data_offsets"]))] = data.draw(JSON)
+            head = json.dumps(h).encode()
+            raw = struct.pack("<Q", len(head)) + head + good.data[8 + n :]
+        elif kind == "config":
+            config[data.draw(st.sampled_from(CONFIG_KEYS))] = data.draw(JSON)
+        else:
+            config = data.draw(JSON)
+        version = AdapterVersion("p", 2, hashlib.sha256(raw).hexdigest(), raw, config)  # type: ignore[arg-type]
+        try:
+            check_adapter(version, base, max_rank=16)
+            outcomes["accepted"] += 1
+        except AdapterError:
+            outcomes["rejected"] += 1
+
+    run()
+    assert outcomes["rejected"] > 1500 and outcomes["accepted"] > 0, outcomes  # flips inside tensor values pass
+
+
 # ----------------------------------------------------------------------------- engine
 @pytest.mark.slow
 def test_base_model_and_unknown_adapter(engine: Any, loop: LoopThread) -> None:
@@ -234,16 +294,36 @@ def test_inflight_request_finishes_on_its_version(
 def test_rejections_leave_previous_version_serving(
     engine: Any, loop: LoopThread, adapters: dict[str, Path], tiny_model_dir: Path
 ) -> None:
+    """Every kind of bad version is refused before vLLM sees it, with an AdapterError naming the
+    problem; the version served before keeps serving the same outputs, and no request falls back to
+    the base model (the engine's per-key record of served requests)."""
+    import torch
+    from safetensors.torch import load, save
+
     key = loop.run(engine.load_adapter(version_of(adapters["a"], "safe", 1, tiny_model_dir)))
     before = loop.run(engine.generate(PROMPT, GREEDY, key)).token_ids
+    base_served, key_served = engine.served[None], engine.served[key]
     good = version_of(adapters["b"], "safe", 2, tiny_model_dir)
+    tensors = load(good.data)
+    nan = {k: (torch.full_like(t, float("nan")) if i == 0 else t) for i, (k, t) in enumerate(tensors.items())}
+    only_q = {**good.config, "target_modules": ["q_proj"]}  # the tensors cover every linear layer
     bad = {
         "sha256 mismatch": with_data(good, good.data[:100] + bytes(50) + good.data[150:], fix_sha=False),
         "byte range|exceeds|not valid JSON|does not parse": with_data(good, good.data[: len(good.data) // 2]),
+        "too short": with_data(good, b"\x00" * 4),
+        "header is not valid JSON": with_data(good, good.data[:8] + b"\xff" * 16 + good.data[24:]),
         "exceeds the engine's max_lora_rank": version_of(adapters["r32"], "safe", 2, tiny_model_dir),
         "target module 'nope_proj' does not exist": dataclasses.replace(
             good, config={**good.config, "target_modules": ["q_proj", "nope_proj"]}
         ),
+        "which target_modules does not name": dataclasses.replace(good, config=only_q),
+        "matches no module": dataclasses.replace(good, config={**good.config, "target_modules": r".*\.wq"}),
+        "has rank 8 but the config says 4": dataclasses.replace(good, config={**good.config, "r": 4}),
+        "malformed adapter_config: lora_alpha": dataclasses.replace(good, config={**good.config, "lora_alpha": "x"}),
+        "not a JSON object": dataclasses.replace(good, config=["r", 8]),  # type: ignore[arg-type]
+        "use_dora=true": dataclasses.replace(good, config={**good.config, "use_dora": True}),
+        "modules_to_save": dataclasses.replace(good, config={**good.config, "modules_to_save": ["lm_head"]}),
+        "NaN or Inf": with_data(good, save(nan)),
         "shape mismatch at model.layers.0": version_of(adapters["other"], "safe", 2, tiny_model_dir),
         "built for base model": version_of(adapters["other"], "safe", 2, tiny_model_dir.parent / "tiny-128"),
     }
@@ -251,10 +331,17 @@ def test_rejections_leave_previous_version_serving(
     for message, version in bad.items():
         with pytest.raises(AdapterError, match=message):
             loop.run(engine.load_adapter(version))
+        with pytest.raises(UnknownAdapterError):  # the rejected key is not servable: no fall-back
+            loop.run(engine.generate(PROMPT, GREEDY, version.key))
     assert engine.stats.adapters_rejected == rejected + len(bad)
     assert engine.loaded() == [key]
-    assert loop.run(engine.generate(PROMPT, GREEDY, key)).token_ids == before
+    after = loop.run(engine.generate(PROMPT, GREEDY, key))
+    assert after.token_ids == before and after.adapter == key
+    assert engine.served[None] == base_served, "a request ran on the base model"
+    assert engine.served[key] == key_served + 1 and "safe@v2" not in engine.metrics()["served"]
     assert not any(p.name.startswith("safe-v2") for p in engine.adapter_root.iterdir())
+    assert loop.run(engine.load_adapter(good)) == "safe@v2"  # the key is still free for a good version
+    loop.run(engine.unload_adapter("safe@v2"))
     loop.run(engine.unload_adapter(key))
 
 
