@@ -145,6 +145,7 @@ def test_kills_land_mid_write(tmp_path: Path) -> None:
         kill_mid_write(run, "atomic", 100 + seed)
         interrupted += any(p.startswith(".tmp-") for p in debris(run))
         check_intact(run)
+    print(f"atomic writer: {interrupted}/4 kills interrupted a write; every restart read an intact checkpoint")
     assert interrupted >= 2
 
 
@@ -157,6 +158,8 @@ def test_control_in_place_writer_is_caught_torn(tmp_path: Path) -> None:
         kill_mid_write(run, "inplace", 200 + seed)
         try:
             check_intact(run)
-        except (AssertionError, OSError, ValueError):
+        except (AssertionError, OSError, ValueError) as e:
             torn += 1
+            print(f"in-place control, seed {seed}: caught torn: {str(e).splitlines()[0][:100]}")
+    print(f"in-place control: {torn}/4 kills left a torn newest checkpoint")
     assert torn >= 2
