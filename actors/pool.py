@@ -9,6 +9,8 @@ take a seat (scripted strategies, API models, the base model), and an Elo rating
   other seat is with probability `p_buffer` a uniformly drawn resident snapshot (or buffer-listed
   scripted/API entry), else a frozen copy of the current adapter (same version, not trained): one
   trained trajectory per game. Without the buffer: self-play, both seats trained.
+- Fixed opponent (`set_fixed`, exploiter training): every game pairs the learner with one frozen
+  entry (an adapter version, a scripted strategy, an API model or the base model), buffer or not.
 - Elo: `record` updates ratings from match results (score 1/0.5/0 by comparing the two seats'
   returns); self-play games carry no information and are skipped.
 - Determinism: every draw uses a generator seeded by (seed, iteration, purpose), never a shared
@@ -88,6 +90,7 @@ class OpponentPool:
         self.entries: dict[str, PoolEntry] = {}
         self.snapshots: list[str] = []  # keys, in freezing order
         self.current: str | None = None
+        self.fixed: str | None = None  # the one opponent of every game (exploiter training)
         self.iteration = 0  # of the last set_current
         self._versions: dict[str, AdapterVersion] = {}  # current + snapshots
 
@@ -125,6 +128,18 @@ class OpponentPool:
         e.in_buffer = in_buffer
         return e
 
+    def set_fixed(self, kind: str, policy: str, version: AdapterVersion | None = None) -> PoolEntry:
+        """Make one frozen entry the opponent of every game (adapter `version`, or a scripted /
+        api / base entry named `policy`)."""
+        if version is not None:
+            version.check_sha()
+            entry = self._entry(version.key, "adapter", version.name, version.version, sha256=version.sha256)
+            self._versions[version.key] = version
+        else:
+            entry = self._entry(policy, kind, policy)
+        self.fixed = entry.key
+        return entry
+
     # -- adapters and the snapshot cadence -------------------------------------------------------
     def set_current(self, version: AdapterVersion, iteration: int) -> bool:
         """Make `version` the learner's current adapter at `iteration`; freeze it into the buffer
@@ -136,7 +151,8 @@ class OpponentPool:
         entry = self._entry(version.key, "adapter", version.name, version.version, sha256=version.sha256)
         if new:
             entry.rating = rating
-        if self.current is not None and self.current != version.key and self.current not in self.snapshots:
+        if (self.current is not None and self.current != version.key and self.current not in self.snapshots
+                and self.current != self.fixed):
             self._versions.pop(self.current, None)
         self.current, self.iteration = version.key, iteration
         self._versions[version.key] = version
@@ -172,6 +188,7 @@ class OpponentPool:
         set_current): the current one and the resident snapshots. The restart source of workers."""
         keys = [self.current] if self.current else []
         keys += self.resident(self.iteration if iteration is None else iteration)
+        keys += [self.fixed] if self.fixed in self._versions else []
         return [self._versions[k] for k in dict.fromkeys(keys)]
 
     def adapters(self) -> dict[str, AdapterVersion]:
@@ -189,6 +206,10 @@ class OpponentPool:
         if self.current is None:
             raise ValueError("the pool has no current adapter: call set_current first")
         current = self.entries[self.current]
+        if self.fixed is not None:
+            fixed = self.entries[self.fixed].player(False)
+            return [Pairing((current.player(True), fixed) if g % 2 == 0 else (fixed, current.player(True)),
+                            int(g) % 2, self.fixed) for g in group_ids]
         rng = self._rng(iteration, "pairings")
         pool = self.buffer(iteration) if self.use_buffer else []
         out = []
@@ -258,6 +279,7 @@ class OpponentPool:
             "entries": [asdict(e) for e in self.entries.values()],
             "snapshots": list(self.snapshots),
             "current": self.current,
+            "fixed": self.fixed,
             "iteration": self.iteration,
         }
 
@@ -266,7 +288,9 @@ class OpponentPool:
         The pool's configuration is kept as constructed (it must match the checkpoint's)."""
         if state["config"] != self.config():
             raise ValueError(f"pool checkpoint config {state['config']} differs from this pool's {self.config()}")
-        need = [k for k in [state["current"], *state["snapshots"]] if k]
+        fixed = state.get("fixed")
+        fixed_adapter = fixed is not None and state_entry_kind(state, fixed) == "adapter"
+        need = [k for k in [state["current"], *state["snapshots"], fixed if fixed_adapter else None] if k]
         missing = [k for k in need if k not in adapters]
         if missing:
             raise AdapterError(f"pool checkpoint needs adapter(s) {missing}")
@@ -278,6 +302,7 @@ class OpponentPool:
         self.entries = entries
         self.snapshots = list(state["snapshots"])
         self.current = state["current"]
+        self.fixed = fixed
         self.iteration = int(state.get("iteration", 0))
         self._versions = {k: adapters[k] for k in need}
 
@@ -286,6 +311,10 @@ class OpponentPool:
         pool = cls(**state["config"])
         pool.load_state_dict(state, adapters)
         return pool
+
+
+def state_entry_kind(state: dict[str, Any], key: str) -> str | None:
+    return next((e["kind"] for e in state["entries"] if e["key"] == key), None)
 
 
 OpponentPoolActor = ray.remote(OpponentPool)

@@ -121,6 +121,9 @@ class Config(Section):
     seed: int = 0
     iterations: int = Field(10, ge=1)
     mode: Literal["sync", "async"] = "sync"
+    # exploiter training: one frozen opponent in every game (an agent spec: adapter:PATH, run:ID[@N],
+    # api:URL#MODEL, scripted:NAME or base); None: self-play and the agent buffer
+    opponent: str | None = None
     max_staleness: int = Field(1, ge=0)
     runs_dir: str = "runs"
     game: Game = Field(default_factory=Game)

@@ -33,6 +33,21 @@ def _mean_pair(pair: Sequence[float | None]) -> float | None:
     return float(np.mean(vals)) if vals else None
 
 
+def side_returns(table: pa.Table) -> dict[str, float]:
+    """Return per round of the trained seats (`learner_return_per_round`) and, over all games, of the
+    frozen seats facing them (`opponent_return_per_round`: buffer snapshots or a fixed opponent)."""
+    trainable = np.asarray(table.column("trainable"), dtype=bool)
+    rewards = list_values(table.column("rewards")).astype(np.float64)
+    offsets = list_offsets(table.column("rewards"))
+    rounds = np.diff(offsets)
+    totals = np.bincount(np.repeat(np.arange(table.num_rows), rounds), weights=rewards, minlength=table.num_rows)
+    out: dict[str, float] = {}
+    for name, mask in (("learner", trainable), ("opponent", ~trainable)):
+        if mask.any() and rounds[mask].sum():
+            out[f"{name}_return_per_round"] = float(totals[mask].sum() / rounds[mask].sum())
+    return out
+
+
 def iteration_metrics(table: pa.Table, game: str) -> dict[str, Any]:
     """Flat metric dict for MLflow and the progress line."""
     out: dict[str, Any] = {}
@@ -49,8 +64,9 @@ def iteration_metrics(table: pa.Table, game: str) -> dict[str, Any]:
                 out[key] = mean
         elif value is not None:
             out[key] = value
+    out.update(side_returns(table))
     out["games"] = int(table.num_rows // 2)
-    out["self_play_games"] = len(records)
+    out["self_play_games"] = int(sp.num_rows // 2)
     gen = list_values(table.column("token_round")) >= 0
     out["generated_tokens"] = int(gen.sum())
     lens = np.diff(list_offsets(table.column("token_ids")))

@@ -79,15 +79,38 @@ def preflight(cfg: Config) -> None:
     if cfg.evaluation.every:
         for spec in cfg.evaluation.opponents:
             eval_player(cfg.game.name, spec)
+    if cfg.opponent is not None:
+        fixed_opponent(cfg)
     model = Path(cfg.model.path)
     if not (model / "config.json").is_file():
         raise ConfigError(f"model.path: no Hugging Face model at {model} (run `make model`, or set model.path)")
 
 
-def worker_config(cfg: Config, run_dir: Path, pool: Any) -> dict[str, Any]:
+def fixed_opponent(cfg: Config) -> Any:
+    """The `opponent` of an exploiter run as an `reciprocity.agents.Agent` (ConfigError if bad).
+    An API opponent that keeps failing forfeits its decisions (counted) instead of stopping the run."""
+    import dataclasses
+
+    from reciprocity.agents import AgentSpecError, parse_agent
+    from reciprocity.tracking import tracking_uri
+
+    try:
+        agent = parse_agent(str(cfg.opponent), cfg.game.name, tracking_uri(cfg))
+    except AgentSpecError as e:
+        raise ConfigError(f"opponent: {e}") from None
+    if agent.player is None:
+        raise ConfigError("opponent: a human cannot be trained against (use `reciprocity serve`)")
+    if agent.api is not None:
+        agent = dataclasses.replace(agent, api=dataclasses.replace(agent.api, on_failure="forfeit"))
+    return agent
+
+
+def worker_config(cfg: Config, run_dir: Path, pool: Any, opponent: Any = None) -> dict[str, Any]:
     """The RolloutWorker's config: its engine, and the pool as the source of the adapter versions
     to (re)load at start, so that a restarted worker serves exactly what was published."""
+    apis = {opponent.player.policy: opponent.api} if opponent is not None and opponent.api is not None else {}
     return {
+        "api": apis,
         "model": str(Path(cfg.model.path).absolute()),
         "engine": {
             "max_loras": cfg.rollout.max_loras,
@@ -260,6 +283,7 @@ class Trainer:
         preflight(cfg)
         self.cfg = cfg
         self.run_dir = (Path(resume) if resume else Path(cfg.runs_dir) / cfg.run_name).absolute()
+        self.opponent = fixed_opponent(cfg) if cfg.opponent is not None else None
         self.ckpt_state: checkpoint.State | None = None
         self.ckpt_dir: Path | None = None
         if resume is not None:
@@ -358,8 +382,11 @@ class Trainer:
             self._restore(self.ckpt_dir, self.ckpt_state)
         else:
             ray.get(self.pool.set_current.remote(self._export(self.version), 0))
+            if self.opponent is not None:
+                ray.get(self.pool.set_fixed.remote(self.opponent.kind if self.opponent.kind in ("scripted", "api",
+                        "base") else "adapter", self.opponent.player.policy, self.opponent.adapter))
         worker_cls = launcher.actor_class(RolloutWorker)
-        wcfg = worker_config(cfg, self.run_dir, self.pool)
+        wcfg = worker_config(cfg, self.run_dir, self.pool, self.opponent)
         self.workers = [worker_cls.options(**self.placement.worker_options(i, cfg)).remote(wcfg)
                         for i in range(cfg.rollout.workers)]
         ray.get([w.ready.remote() for w in self.workers])

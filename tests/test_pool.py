@@ -129,3 +129,28 @@ def test_state_round_trip() -> None:
     with pytest.raises(ValueError, match="differs"):
         OpponentPool(seed=4).load_state_dict(state, adapters)
     assert np.isfinite(list(restored.ratings().values())).all()
+
+
+def test_fixed_opponent_takes_every_game_and_survives_a_checkpoint() -> None:
+    pool = trained(OpponentPool(snapshot_every=2, max_resident=4, use_buffer=True, seed=0), 5)
+    target = version(7, name="target")
+    pool.set_fixed("adapter", "target", target)
+    pool.set_current(version(5), 5)  # the learner moves on; the target stays served
+    pairs = pool.pairings(5, list(range(40)))
+    for g, p in enumerate(pairs):
+        learner, other = p.seats[p.learner_seat], p.seats[1 - p.learner_seat]
+        assert p.learner_seat == g % 2 and p.opponent == "target@v7"
+        assert learner.trainable and learner.adapter == "learner@v5"
+        assert not other.trainable and other.adapter == "target@v7"
+    assert "target@v7" in [v.key for v in pool.versions(5)]
+
+    state = json.loads(json.dumps(pool.state_dict()))
+    restored = OpponentPool.from_state_dict(state, pool.adapters())
+    assert restored.fixed == "target@v7" and restored.pairings(5, [0, 1]) == pool.pairings(5, [0, 1])
+    with pytest.raises(AdapterError, match="target@v7"):
+        OpponentPool.from_state_dict(state, {k: v for k, v in pool.adapters().items() if k != "target@v7"})
+
+    scripted = trained(OpponentPool(use_buffer=False), 1)
+    scripted.set_fixed("scripted", "tit_for_tat")
+    assert {p.opponent for p in scripted.pairings(0, [0, 1, 2])} == {"tit_for_tat"}
+    assert all(p.seats[1 - p.learner_seat].kind == "scripted" for p in scripted.pairings(0, [0, 1, 2]))

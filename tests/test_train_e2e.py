@@ -96,3 +96,13 @@ def test_train_two_iterations_then_resume(ray_local, tiny_model_dir: Path, tmp_p
     assert history3[0]["version"] == 3
     assert [m.step for m in client.get_metric_history(run_id, "cooperation_rate")] == [0, 1, 2]
     assert len(client.search_runs([runs[0].info.experiment_id])) == 1
+
+    # exploiter training: a fresh naive learner against the frozen snapshot v1 of that run (run:ID@1)
+    exploit = [*tiny_overrides(tiny_model_dir, tmp_path, run_name="exploit"), "iterations=1", "checkpoint.every=1",
+               f"opponent=run:{run_id}@1", "method.name=naive", "buffer.enabled=false"]
+    hx = run(load_config(Path("configs/exploit_ipd_cpu.yaml"), exploit))
+    assert hx[0]["self_play_games"] == 0 and hx[0]["games"] == 4  # every game against the target
+    assert {"learner_return_per_round", "opponent_return_per_round"} <= set(hx[0])
+    assert hx[0]["version"] == 1
+    exploit_run = [r for r in client.search_runs([runs[0].info.experiment_id]) if r.info.run_name == "exploit"]
+    assert client.get_metric_history(exploit_run[0].info.run_id, "opponent_return_per_round")
