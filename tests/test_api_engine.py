@@ -241,7 +241,7 @@ def test_more_transient_failures_are_retried(
     t0 = time.perf_counter()
     assert _ask(engine) == "<A>"
     assert len(server.requests) == 2 and engine.stats["retries"] == 1
-    assert time.perf_counter() - t0 < 1.5  # the 0.3 s deadline holds even for a trickling body
+    assert time.perf_counter() - t0 < 4  # the 0.3 s deadline holds for a trickling body too (8 s in full)
     assert SECRET not in caplog.text
 
 
@@ -296,13 +296,13 @@ def test_dead_endpoint_match_completes_fast_with_every_decision_forfeited(server
 
 
 def test_breaker_tries_again_after_cooldown(server: Server) -> None:
-    engine = APIEngine(_config(server, breaker_failures=1, breaker_cooldown_s=0.2, max_retries=0))
+    engine = APIEngine(_config(server, breaker_failures=1, breaker_cooldown_s=1.5, max_retries=0))
     server.plan[:] = ["500"]
     api, _ = _play(engine, n_rounds=1)
     assert api.n_invalid == 1 and engine.stats["forfeits"] == 1
     api, _ = _play(engine, n_rounds=1)  # still down: forfeited without a request
     assert api.n_invalid == 1 and engine.stats["breaker_skips"] == 1 and len(server.requests) == 1
-    time.sleep(0.25)
+    time.sleep(1.6)
     api, _ = _play(engine, n_rounds=1)  # cooled down: one attempt, which succeeds
     assert api.n_invalid == 0 and api.actions == ["C"] and len(server.requests) == 2
 
