@@ -23,6 +23,7 @@ CURVES: dict[str, tuple[str, ...]] = {
     "trust_and_split": ("efficiency",),
 }
 RETURN = "return_per_round"
+SIDES = (f"learner_{RETURN}", f"opponent_{RETURN}")
 
 
 def plot_curves(history: Mapping[str, Sequence[tuple[int, float]]], game: str, out: Path, title: str = "") -> Path:
@@ -48,6 +49,10 @@ def plot_curves(history: Mapping[str, Sequence[tuple[int, float]]], game: str, o
     if history.get(RETURN):
         xs, ys = zip(*sorted(history[RETURN]), strict=True)
         right.plot(xs, ys, marker="o", ms=3, color="black", label="self-play")
+    for key in SIDES:  # exploiter runs: the trained side and the frozen side
+        if history.get(key):
+            xs, ys = zip(*sorted(history[key]), strict=True)
+            right.plot(xs, ys, marker="^", ms=3, label=key.removesuffix(f"_{RETURN}"))
     right.set_xlabel("iteration")
     right.set_ylabel("return per round")
     right.legend(fontsize=8)

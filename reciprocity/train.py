@@ -58,7 +58,7 @@ from reciprocity import checkpoint, launcher
 from reciprocity.config import Config, ConfigError
 from reciprocity.metrics import iteration_metrics
 from reciprocity.models import model_sha
-from reciprocity.report import CURVES, RETURN, plot_curves, transcripts_html
+from reciprocity.report import CURVES, RETURN, SIDES, plot_curves, transcripts_html
 from reciprocity.tracking import Tracker
 
 LEARNER_NAME = "learner"
@@ -577,7 +577,7 @@ class Trainer:
 
     def log_curves(self) -> None:
         """Re-plot the run's curves (the whole MLflow history, so a resumed run plots all of it)."""
-        keys = [*CURVES.get(self.cfg.game.name, ()), RETURN]
+        keys = [*CURVES.get(self.cfg.game.name, ()), RETURN, *(SIDES if self.cfg.opponent else ())]
         keys += [f"eval/{_label(s)}/{RETURN}" for s in self.cfg.evaluation.opponents]
         history = self.tracker.history(keys)
         with tempfile.TemporaryDirectory() as tmp:
