@@ -69,9 +69,21 @@ def register_secret(value: str | None) -> None:
 
 def secret_values(environ: Mapping[str, str] | None = None) -> set[str]:
     """Registered secrets plus the values of secret-named environment variables."""
-    env = os.environ if environ is None else environ
+    env = _environ() if environ is None else environ
     values = {v for k, v in env.items() if is_secret_name(k) and _looks_secret(v)}
     return values | _registered
+
+
+def _environ() -> dict[str, str]:
+    """A copy of os.environ. Iterating os.environ itself races with threads that unset variables
+    (MLflow's telemetry removes `_MLFLOW_TELEMETRY_SESSION_ID`): a key listed, then gone, is a
+    KeyError. Copy again when that happens."""
+    for _ in range(100):
+        try:
+            return dict(os.environ)
+        except KeyError:
+            continue
+    return dict(os.environ)
 
 
 def _looks_secret(value: str) -> bool:
