@@ -26,6 +26,7 @@ from actors.match import SeatSpec, play_match
 from actors.scripted_engine import ScriptedEngine
 
 KEY_ENV = "RECIPROCITY_TEST_API_KEY"
+TIMEOUT_S = 0.8  # the client's deadline: short, yet long enough for a good answer on a loaded 2-core machine
 SECRET = "sk-test-secret-123"
 
 
@@ -47,11 +48,11 @@ class Server:
                 server.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
                 what = server.plan.pop(0) if server.plan else "valid"
                 auth = self.headers.get("Authorization", "")
-                if what == "timeout":
-                    time.sleep(0.6)
+                if what == "timeout":  # past the client's deadline (TIMEOUT_S)
+                    time.sleep(TIMEOUT_S + 0.5)
                     what = "valid"
                 if what == "hang":  # longer than every client deadline
-                    time.sleep(1.5)
+                    time.sleep(TIMEOUT_S + 1.5)
                     return self._send(500, b"too late")
                 if what == "trickle":  # each byte well within a read timeout, the whole well past the deadline
                     return self._send(200, _completion(server.answer), chunk_delay=0.08)
@@ -156,7 +157,7 @@ def engine(server: Server) -> APIEngine:
 
 
 def _config(server: Server, **kw: object) -> dict:
-    return {"base_url": server.url, "model": "m", "api_key_env": KEY_ENV, "timeout_s": 0.3, "backoff_s": 0.01,
+    return {"base_url": server.url, "model": "m", "api_key_env": KEY_ENV, "timeout_s": TIMEOUT_S, "backoff_s": 0.01,
             "max_response_bytes": 2000, **kw}
 
 
@@ -241,7 +242,7 @@ def test_more_transient_failures_are_retried(
     t0 = time.perf_counter()
     assert _ask(engine) == "<A>"
     assert len(server.requests) == 2 and engine.stats["retries"] == 1
-    assert time.perf_counter() - t0 < 4  # the 0.3 s deadline holds for a trickling body too (8 s in full)
+    assert time.perf_counter() - t0 < TIMEOUT_S + 4  # the deadline holds for a trickling body too (8 s in full)
     assert SECRET not in caplog.text
 
 
