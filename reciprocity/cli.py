@@ -8,7 +8,20 @@ from typing import Annotated
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, callback=lambda: _redact_logs())
+
+
+def _redact_logs() -> None:
+    """Every command's log records pass the secret redaction (API keys, tokens in URLs)."""
+    import logging
+
+    from actors.redact import RedactingFilter
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactingFilter())
+    logging.getLogger().addFilter(RedactingFilter())
+
+
 model_app = typer.Typer(no_args_is_help=True, help="Prepare the served base model.")
 app.add_typer(model_app, name="model")
 

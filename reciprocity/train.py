@@ -105,9 +105,11 @@ def fixed_opponent(cfg: Config) -> Any:
     return agent
 
 
-def worker_config(cfg: Config, run_dir: Path, pool: Any, opponent: Any = None) -> dict[str, Any]:
+def worker_config(cfg: Config, run_dir: Path, pool: Any, opponent: Any = None, index: int = 0) -> dict[str, Any]:
     """The RolloutWorker's config: its engine, and the pool as the source of the adapter versions
-    to (re)load at start, so that a restarted worker serves exactly what was published."""
+    to (re)load at start, so that a restarted worker serves exactly what was published. Each worker
+    has its own adapter directory: vLLM re-reads a version's files when it drops out of its cache,
+    so one worker's unload must never delete what another still serves."""
     apis = {opponent.player.policy: opponent.api} if opponent is not None and opponent.api is not None else {}
     return {
         "api": apis,
@@ -118,7 +120,7 @@ def worker_config(cfg: Config, run_dir: Path, pool: Any, opponent: Any = None) -
             "max_lora_rank": cfg.lora.r,
             "max_model_len": cfg.model.max_model_len,
             "kv_cache_gib": cfg.rollout.kv_cache_gib,
-            "adapter_root": str(run_dir / "served-adapters"),
+            "adapter_root": str(run_dir / "served-adapters" / f"worker-{index}"),
             "probe_tolerance": cfg.rollout.probe_tolerance,
             "seed": cfg.seed,
         },
@@ -386,8 +388,8 @@ class Trainer:
                 ray.get(self.pool.set_fixed.remote(self.opponent.kind if self.opponent.kind in ("scripted", "api",
                         "base") else "adapter", self.opponent.player.policy, self.opponent.adapter))
         worker_cls = launcher.actor_class(RolloutWorker)
-        wcfg = worker_config(cfg, self.run_dir, self.pool, self.opponent)
-        self.workers = [worker_cls.options(**self.placement.worker_options(i, cfg)).remote(wcfg)
+        self.workers = [worker_cls.options(**self.placement.worker_options(i, cfg)).remote(
+                            worker_config(cfg, self.run_dir, self.pool, self.opponent, index=i))
                         for i in range(cfg.rollout.workers)]
         ray.get([w.ready.remote() for w in self.workers])
         self._report_placement()
