@@ -57,6 +57,10 @@ def plot_curves(history: Mapping[str, Sequence[tuple[int, float]]], game: str, o
     right.set_ylabel("return per round")
     right.legend(fontsize=8)
     right.grid(alpha=0.3)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (left, right):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title or game)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
