@@ -18,6 +18,13 @@ decision of a token seat, in decision order (empty for text seats): was the acce
 `decision_regex` is aligned with it: the regex the accepted sample was constrained by ("" if free),
 so that the learner can account for the constrained sampling distribution.
 
+Sampling seeds: every request of a token seat carries its own seed, `request_seed(seat seed, n)` for
+its n-th request (free and guided samples alike); `play_match` gives each seat the seed
+`player_seed(env seed, game id, seat)` unless its SeatSpec names one. vLLM then samples each request
+from its own generator, so what a game draws does not depend on which other requests share the
+engine's batches or on what the engine sampled before: a replayed share, a resumed run and a
+repeated run draw the same tokens from the same log-probs (sysdesign/reliability.md).
+
 Rewards: a step's reward is added to the round of the decisions made in that step (a TAS round's
 message steps give 0; its proposal step carries the round reward). Canonical actions come from
 the round summaries (`infos[agent]["last_round"]`). Both seats of a step decide concurrently.
@@ -75,7 +82,9 @@ class SeatSpec:
 
     `adapter` is the engine's adapter key (AdapterVersion.key) or None for the base model; it is
     bound to every request of the seat. `max_tokens` None takes the env's per-decision hint.
-    `free_samples`: unguided samples before the guided one (0 = always guided).
+    `free_samples`: unguided samples before the guided one (0 = always guided). `seed`: the base of
+    the seat's per-request sampling seeds (None: `play_match` derives it; a TokenSeat used alone
+    with None samples from the engine's shared generator).
     """
 
     engine: Engine | TextEngine
@@ -87,6 +96,7 @@ class SeatSpec:
     top_p: float = 1.0
     max_tokens: int | None = None
     free_samples: int = 0
+    seed: int | None = None
 
     @property
     def is_text(self) -> bool:
@@ -97,6 +107,11 @@ def player_seed(seed: int, game_id: int, seat: int) -> int:
     """A seat's own random stream (scripted random play): distinct per game even within a group
     that shares the env seed."""
     return int(np.random.SeedSequence([int(seed), int(game_id), int(seat)]).generate_state(1)[0])
+
+
+def request_seed(seat_seed: int, n: int) -> int:
+    """The sampling seed of a seat's n-th engine request (0-based; 31 bits, any engine takes it)."""
+    return int(np.random.SeedSequence([int(seat_seed), int(n)]).generate_state(1)[0] >> 1)
 
 
 class _Seat:
@@ -125,20 +140,28 @@ class TokenSeat(_Seat):
         super().__init__(spec, env, seat, traj)
         self.chat = chat
         self.engine: Engine = spec.engine  # type: ignore[assignment]
+        self.requests = 0  # engine requests so far (the index of the next request's seed)
+
+    def _seeded(self, sampling: Sampling) -> Sampling:
+        if self.spec.seed is None:
+            return sampling
+        n, self.requests = self.requests, self.requests + 1
+        return replace(sampling, seed=request_seed(self.spec.seed, n))
 
     async def decide(self, observation: str, info: dict[str, Any]) -> str:
         self.traj.add_prompt(self.chat.add_user(observation))
         free = self.sampling(info)
         gen, rejected = None, 0
         for _ in range(self.spec.free_samples):
-            sample = await self.engine.generate(list(self.chat.ids), free, self.spec.adapter)
+            sample = await self.engine.generate(list(self.chat.ids), self._seeded(free), self.spec.adapter)
             if self.env.valid(self.agent, sample.text):
                 gen = sample
                 break
             rejected += 1
         guided = gen is None
         if gen is None:
-            gen = await self.engine.generate(list(self.chat.ids), replace(free, regex=info["regex"]), self.spec.adapter)
+            guided_sampling = self._seeded(replace(free, regex=info["regex"]))
+            gen = await self.engine.generate(list(self.chat.ids), guided_sampling, self.spec.adapter)
         self.count(gen.text, rejected)
         self.traj.guided.append(guided)
         self.traj.decision_regex.append(info["regex"] if guided else "")
@@ -204,6 +227,8 @@ async def play_match(
         else:
             if template is None:
                 raise ValueError(f"seat {s} ({spec.policy}) is a token seat: play_match needs a chat template")
+            if spec.seed is None:
+                spec = replace(spec, seed=player_seed(seed, game_id, s))
             players.append(TokenSeat(spec, env, s, trajs[s], template.new_chat()))
 
     observations, infos = env.reset(seed=seed)
