@@ -28,7 +28,9 @@ PASSED_ENV = ("MLFLOW_TRACKING_URI", "VLLM_CPU_KVCACHE_SPACE", "TOKENIZERS_PARAL
 def init_ray(address: str | None) -> None:
     """Join a cluster (`address` given, `auto`, or `$RAY_ADDRESS` set as inside `ray job submit`),
     else start a local Ray (the embedded default): no dashboard, and every Ray server (GCS, raylet,
-    object manager, workers, agents) listening on 127.0.0.1 only (see `_loopback_only`)."""
+    object manager, workers, agents) listening on 127.0.0.1 only (see `_loopback_only`). The local Ray
+    is always a new one (`address="local"`): a bare `ray.init()` joins whatever cluster `ray start`
+    left on the machine (/tmp/ray/ray_current_cluster), someone else's included."""
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
@@ -38,8 +40,8 @@ def init_ray(address: str | None) -> None:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
         _loopback_only()
-        ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, runtime_env=runtime_env,
-                 log_to_driver=True)
+        ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False,
+                 runtime_env=runtime_env, log_to_driver=True)
 
 
 def _loopback_only() -> None:
