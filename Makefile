@@ -32,7 +32,7 @@ train: install
 	$(BIN)/reciprocity train --config $(CONFIG)
 
 test: install browser
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25
 
 # Headless Chromium and its WebDriver for tests/test_serve_browser.py (Debian packages; once).
 browser:

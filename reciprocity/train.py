@@ -303,7 +303,16 @@ class Trainer:
         self.template = ChatTemplate.from_pretrained(str(cfg.model.path))  # decodes transcripts
         self._pending: Pending | None = None  # the async rollout in flight
         self.restores = 0
-        self._start_actors()
+        self.workers: list[Any] = []
+        self.learners: list[Any] = []
+        self.pool: Any = None
+        self.placement: launcher.Placement | None = None
+        try:
+            self._start_actors()
+        except BaseException:  # nothing half-started outlives a failed start (actors, the MLflow run)
+            self.tracker.finish("FAILED")
+            self.close()
+            raise
 
     def iterations(self) -> Iterator[dict[str, Any]]:
         """Run the remaining iterations (sync or async mode), yielding each one's metrics. A learner
@@ -391,7 +400,8 @@ class Trainer:
         self.workers = [worker_cls.options(**self.placement.worker_options(i, cfg)).remote(
                             worker_config(cfg, self.run_dir, self.pool, self.opponent, index=i))
                         for i in range(cfg.rollout.workers)]
-        ray.get([w.ready.remote() for w in self.workers])
+        for i in range(len(self.workers)):  # a worker restarted by Ray while starting is waited for
+            self._await_restart(i)
         self._report_placement()
 
     def _export(self, version: int) -> AdapterVersion:
@@ -603,10 +613,14 @@ class Trainer:
         for w in self.workers:
             with contextlib.suppress(Exception):  # a dead worker needs no shutdown
                 ray.get(w.shutdown.remote(), timeout=30)
-            ray.kill(w)
+            with contextlib.suppress(Exception):
+                ray.kill(w)
         for a in [*self.learners, self.pool]:
-            ray.kill(a)
-        self.placement.remove()
+            if a is not None:
+                with contextlib.suppress(Exception):
+                    ray.kill(a)
+        if self.placement is not None:
+            self.placement.remove()
 
 
 def run(cfg: Config, address: str | None = None, resume: Path | None = None) -> list[dict[str, Any]]:

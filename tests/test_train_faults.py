@@ -28,11 +28,15 @@ def trainer(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     ray.init(num_cpus=2, include_dashboard=False)
     overrides = [*tiny_overrides(tiny_model_dir, tmp, run_name="faults"), "mode=async", "max_staleness=1",
                  "iterations=3", "checkpoint.every=1", "checkpoint.keep=2"]
-    t = Trainer(load_config(Path("configs/smoke.yaml"), overrides))
-    yield t
-    t.tracker.finish()
-    t.close()
-    ray.shutdown()
+    try:
+        t = Trainer(load_config(Path("configs/smoke.yaml"), overrides))
+        try:
+            yield t
+        finally:
+            t.tracker.finish()
+            t.close()
+    finally:
+        ray.shutdown()
 
 
 def _pid(actor) -> int:
