@@ -36,8 +36,13 @@ def test_ray_job_submit_trains_and_logs_to_mlflow(tiny_model_dir: Path, tmp_path
 
     env = ray_env()
     gcs, dash = free_port(), free_port()
+    # every port of the head chosen free (the job agent's default 52365 may be taken by a process of
+    # an earlier test, and the job server then finds "No available agent")
+    agent_ports = [f"--{flag}={free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                        "metrics-export-port", "runtime-env-agent-port",
+                                                        "ray-client-server-port")]
     start = [str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=2", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={dash}", "--disable-usage-stats", "--include-dashboard=true"]
+             f"--dashboard-port={dash}", "--disable-usage-stats", "--include-dashboard=true", *agent_ports]
     subprocess.run(start, env=env, check=True, capture_output=True, timeout=180)
     try:
         overrides = tiny_overrides(tiny_model_dir, tmp_path, run_name="job")
