@@ -129,3 +129,23 @@ def evaluate(
     from reciprocity.evaluate import main
 
     raise typer.Exit(main(game, specs or [], games, config, out, parent_run, seed, option or [], as_json))
+
+
+@app.command()
+def compare(
+    run_ids: Annotated[list[str] | None, typer.Argument(metavar="RUN_IDS...", show_default=False,
+                                                        help="MLflow run ids of training runs")] = None,
+    out: Annotated[Path, typer.Option(help="Output directory for comparison.png/.md/.json")] = Path("runs/compare"),
+    config: Annotated[Path | None, typer.Option(help="YAML config whose tracking section names the store")] = None,
+) -> None:
+    """Training runs side by side: per-iteration curves of each figure and a table of the last values."""
+    from reciprocity.compare import main
+    from reciprocity.config import Config, ConfigError, load_config
+    from reciprocity.tracking import tracking_uri
+
+    try:
+        cfg = load_config(config) if config else Config()
+    except ConfigError as e:
+        typer.echo(f"config error: {e}", err=True)
+        raise typer.Exit(2) from None
+    raise typer.Exit(main(run_ids or [], out, tracking_uri(cfg)))

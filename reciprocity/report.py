@@ -69,6 +69,43 @@ def plot_curves(history: Mapping[str, Sequence[tuple[int, float]]], game: str, o
     return out
 
 
+def plot_comparison(histories: Mapping[str, Mapping[str, Sequence[tuple[int, float]]]], figures: Sequence[str],
+                    out: Path, title: str = "") -> Path:
+    """One PNG, a panel per figure, a line per run: `histories[run][figure]` is a list of
+    (iteration, value). Probability figures share the 0-1 axis; returns keep their own."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    cols = min(4, max(1, len(figures)))
+    rows = -(-len(figures) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows), squeeze=False)
+    for ax, figure in zip(axes.flat, figures, strict=False):
+        for run, history in histories.items():
+            if history.get(figure):
+                xs, ys = zip(*sorted(history[figure]), strict=True)
+                ax.plot(xs, ys, marker="o", ms=3, label=run)
+        if not figure.endswith(RETURN):
+            ax.set_ylim(-0.02, 1.02)
+        ax.set_title(figure, fontsize=9)
+        ax.set_xlabel("iteration", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(figures):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def _e(x: Any) -> str:
     return html.escape(str(x), quote=True)
 

@@ -1,0 +1,95 @@
+"""`reciprocity compare`: several training runs side by side, from their MLflow histories.
+
+One PNG with a panel per figure (the run's self-play figures and its periodic evaluation against
+scripted opponents, one line per run) and a JSON/Markdown table of each run's last value per figure,
+its iterations and its wall-clock. This is how the method comparison of `sysdesign/results.md` is
+drawn: the numbers come from MLflow, never from the logs.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from reciprocity.report import plot_comparison
+
+History = Mapping[str, Sequence[tuple[int, float]]]
+
+FIGURES: dict[str, tuple[str, ...]] = {
+    "ipd": ("cooperation_rate", "p_coop_given_opp_coop", "p_coop_given_opp_defect", "return_per_round",
+            "eval/always_defect/p_coop_given_opp_defect", "eval/tit_for_tat/cooperation_rate",
+            "eval/always_cooperate/cooperation_rate", "eval/always_defect/return_per_round"),
+    "split_nocomm": ("efficiency", "return_per_round", "eval/greedy/efficiency", "eval/greedy/return_per_round"),
+    "trust_and_split": ("efficiency", "return_per_round"),
+}
+
+
+def last_values(history: History) -> dict[str, float | None]:
+    """The value at the highest step of each figure (None when the run never logged it)."""
+    return {k: (max(v)[1] if v else None) for k, v in history.items()}
+
+
+def markdown_table(rows: Mapping[str, Mapping[str, Any]], figures: Sequence[str]) -> str:
+    """One row per run: iterations, minutes, then the last value of each figure (3 decimals, '-' if none)."""
+    head = ["run", "iterations", "minutes", *figures]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, row in rows.items():
+        cells = [name, str(row["iterations"]), f"{row['minutes']:.1f}"]
+        cells += ["-" if row["last"].get(f) is None else f"{row['last'][f]:.3f}" for f in figures]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def fetch(run_ids: Sequence[str], figures: Sequence[str], uri: str) -> tuple[dict[str, dict[str, Any]], str]:
+    """Each run's name, game, histories, iterations and wall-clock from MLflow. Runs are labelled by
+    their run name (with the id prefix when two runs share a name)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    runs, games = {}, set()
+    for rid in run_ids:
+        run = client.get_run(rid)
+        name = run.info.run_name or rid
+        if name in runs:
+            name = f"{name} ({rid[:8]})"
+        games.add(run.data.params.get("game.name", "ipd"))
+        history = {f: [(m.step, m.value) for m in client.get_metric_history(rid, f)] for f in figures}
+        steps = {m.step for m in client.get_metric_history(rid, "cooperation_rate")} or \
+            {m.step for m in client.get_metric_history(rid, "return_per_round")}
+        end = run.info.end_time or run.info.start_time
+        runs[name] = {"run_id": rid, "history": history, "iterations": len(steps),
+                      "minutes": (end - run.info.start_time) / 60000.0}
+    if len(games) > 1:
+        raise ValueError(f"the runs played different games: {sorted(games)}")
+    return runs, games.pop() if games else "ipd"
+
+
+def main(run_ids: Sequence[str], out: Path, uri: str) -> int:
+    from mlflow.exceptions import MlflowException
+
+    if not run_ids:
+        print("error: no run ids given: reciprocity compare RUN_ID RUN_ID ...", file=sys.stderr)
+        return 2
+    try:
+        runs, game = fetch(run_ids, sorted({f for fs in FIGURES.values() for f in fs}), uri)
+    except (MlflowException, ValueError) as e:
+        print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        return 2
+    figures = FIGURES.get(game, FIGURES["ipd"])
+    for r in runs.values():
+        r["history"] = {f: r["history"].get(f, []) for f in figures}
+        r["last"] = last_values(r["history"])
+    out.mkdir(parents=True, exist_ok=True)
+    plot_comparison({name: r["history"] for name, r in runs.items()}, figures, out / "comparison.png",
+                    title=f"{game}: " + ", ".join(runs))
+    table = markdown_table(runs, figures)
+    (out / "comparison.md").write_text(table + "\n")
+    summary = {name: {k: r[k] for k in ("run_id", "iterations", "minutes", "last")} | {"history": r["history"]}
+               for name, r in runs.items()}
+    (out / "comparison.json").write_text(json.dumps(summary, indent=1))
+    print(table)
+    print(f"\nwrote {out / 'comparison.png'}, comparison.md, comparison.json")
+    return 0

@@ -1,0 +1,79 @@
+"""`reciprocity compare`: training runs side by side from a real MLflow store (sqlite, temp dir)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from reciprocity.compare import last_values, main, markdown_table
+
+
+def make_run(uri: str, name: str, game: str, coop: list[float], eval_every: int = 2) -> str:
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("t") or None
+    exp_id = exp.experiment_id if exp else client.create_experiment("t")
+    run = client.create_run(exp_id, run_name=name)
+    rid = run.info.run_id
+    client.log_param(rid, "game.name", game)
+    for it, c in enumerate(coop):
+        client.log_metric(rid, "cooperation_rate", c, step=it)
+        client.log_metric(rid, "return_per_round", 1 + 2 * c, step=it)
+        if it % eval_every == 0:
+            client.log_metric(rid, "eval/always_defect/p_coop_given_opp_defect", c / 2, step=it)
+    client.set_terminated(rid)
+    return rid
+
+
+def test_last_values_take_the_highest_step_not_the_last_logged() -> None:
+    got = last_values({"a": [(3, 0.9), (1, 0.1), (2, 0.5)], "b": []})
+    assert got == {"a": 0.9, "b": None}
+
+
+def test_markdown_table_marks_missing_figures() -> None:
+    rows = {"aa": {"iterations": 12, "minutes": 30.25, "last": {"x": 0.12345, "y": None}}}
+    table = markdown_table(rows, ["x", "y"])
+    assert table.splitlines()[2] == "| aa | 12 | 30.2 | 0.123 | - |"
+
+
+def test_compare_reads_histories_and_writes_plot_table_json(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    naive = make_run(uri, "naive", "ipd", [0.5, 0.4, 0.3, 0.2, 0.1])
+    aa = make_run(uri, "aa", "ipd", [0.5, 0.6, 0.7, 0.8, 0.85])
+    out = tmp_path / "cmp"
+    assert main([naive, aa], out, uri) == 0
+    summary = json.loads((out / "comparison.json").read_text())
+    assert summary["naive"]["iterations"] == 5
+    assert summary["naive"]["last"]["cooperation_rate"] == 0.1
+    assert summary["aa"]["last"]["cooperation_rate"] == 0.85
+    assert summary["aa"]["last"]["eval/always_defect/p_coop_given_opp_defect"] == 0.85 / 2  # logged at steps 0, 2, 4
+    assert summary["aa"]["last"]["p_coop_given_opp_coop"] is None  # never logged
+    assert [v for _, v in summary["naive"]["history"]["cooperation_rate"]] == [0.5, 0.4, 0.3, 0.2, 0.1]
+    png = (out / "comparison.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert "| aa | 5 |" in (out / "comparison.md").read_text()
+
+
+def test_compare_refuses_runs_of_different_games_and_unknown_ids(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ipd = make_run(uri, "a", "ipd", [0.5])
+    split = make_run(uri, "b", "split_nocomm", [0.5])
+    assert main([ipd, split], tmp_path / "x", uri) == 2
+    assert not (tmp_path / "x").exists()
+    assert main(["0" * 32], tmp_path / "y", uri) == 2
+    assert main([], tmp_path / "z", uri) == 2
+
+
+def test_compare_cli_one_line_error_for_an_unknown_run(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"tracking: {{uri: 'sqlite:///{tmp_path / 'mlflow.db'}'}}\n")
+    proc = subprocess.run([sys.executable, "-m", "reciprocity", "compare", "deadbeef", "--config", str(cfg),
+                           "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "deadbeef" in last and "Traceback" not in proc.stderr
