@@ -1,6 +1,9 @@
 """Train the tabular memory-1 IPD policy with each credit and plot P(C | state) over iterations.
 
 Usage: python benchmarks/plot_tabular.py [--seed 0] [--out sysdesign/img/tabular_ipd.png]
+       python benchmarks/plot_tabular.py --prior 0.93,0.85,0.275 --out sysdesign/img/tabular_ipd_llm_prior.png
+(--prior P_START,P_AFTER_C,P_AFTER_D: a reactive policy, which sees only the opponent's last action
+as the LLM's prompt does, started from those probabilities of cooperating, e.g. SmolLM2's.)
 Prints one JSON object: {"name": "tabular", "<run>_p_c_<state>": ..., "seconds": ...}, with <run> in
 naive, sum, aa, aa_buffer (method spec, section 1).
 """
@@ -14,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -41,7 +45,7 @@ STATE_LABELS = {
 }
 
 
-def plot(results: dict[str, TabularResult], out: Path) -> None:
+def plot(results: dict[str, TabularResult], out: Path, subtitle: str = "") -> None:
     fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.6), sharey=True)
     for ax, (name, r) in zip(axes, results.items(), strict=True):
         for j, state in enumerate(STATES):
@@ -53,7 +57,7 @@ def plot(results: dict[str, TabularResult], out: Path) -> None:
     axes[0].set_ylabel("P(C | state)")
     axes[-1].legend(loc="center right", fontsize=8)
     seed = results["aa"].seed
-    fig.suptitle(f"Memory-1 IPD policy, 128 games x 10 rounds, Adam lr 0.1 (seed {seed})")
+    fig.suptitle(f"Memory-1 IPD policy, 128 games x 10 rounds, Adam lr 0.1 (seed {seed}){subtitle}")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
@@ -65,17 +69,27 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--iterations", type=int, default=400)
     parser.add_argument("--out", type=Path, default=Path("sysdesign/img/tabular_ipd.png"))
+    parser.add_argument("--prior", type=str, default=None,
+                        help="P_START,P_AFTER_C,P_AFTER_D: reactive policy started from these P(C)")
     args = parser.parse_args()
 
+    extra: dict[str, Any] = {}
+    subtitle = ""
+    if args.prior:
+        p_start, p_c, p_d = (float(x) for x in args.prior.split(","))
+        p = np.array([p_start, p_c, p_d, p_c, p_d])
+        extra = {"init_logits": np.log(p / (1 - p)), "reactive": True}
+        subtitle = f"\nreactive, from P(C | start, opp C, opp D) = {p_start}, {p_c}, {p_d}"
     start = time.perf_counter()
     results = {
-        name: train_tabular(iterations=args.iterations, seed=args.seed, **kwargs)
+        name: train_tabular(iterations=args.iterations, seed=args.seed, **kwargs, **extra)
         for name, kwargs in RUNS.items()
     }
     seconds = time.perf_counter() - start
-    plot(results, args.out)
+    plot(results, args.out, subtitle)
 
-    report: dict[str, object] = {"name": "tabular", "seed": args.seed, "iterations": args.iterations}
+    report: dict[str, object] = {"name": "tabular", "seed": args.seed, "iterations": args.iterations,
+                                 "prior": args.prior}
     for name, r in results.items():
         for state in STATES:
             report[f"{name}_p_c_{state}"] = round(r.p_c[state], 4)

@@ -39,6 +39,9 @@ STATES: tuple[str, ...] = ("start", "CC", "CD", "DC", "DD")
 # PAYOFF[my action, opponent action] with 1 = C, 0 = D: CC 3, CD 0, DC 5, DD 1.
 PAYOFF: NDArray[np.float64] = np.array([[1.0, 5.0], [0.0, 3.0]])
 
+# Reactive policy: each state's class (0 start, 1 the opponent played C, 2 the opponent played D).
+REACTIVE_OF_STATE: NDArray[np.int64] = np.array([0, 1, 2, 1, 2])
+
 SNAPSHOT_EVERY = 10
 MAX_RESIDENT = 28
 BUFFER_OPPONENT_PROB = 0.5
@@ -151,15 +154,21 @@ def train_tabular(
     discount: float = 0.9,
     normaliser: float = 5.0,
     init_logits: NDArray[np.float64] | None = None,
+    reactive: bool = False,
 ) -> TabularResult:
     """Train the memory-1 IPD policy with credit ``method`` ("naive", "sum", "aa").
 
     Self-play when ``buffer`` is False (both seats trained), else the agent buffer of spec section 5.
+    ``reactive``: the policy sees only the opponent's last action, as the LLM's IPD prompt shows it
+    ("Last round, the other agent played X"): CC and DC share one logit, CD and DD another.
     """
     if method not in CREDIT_METHODS:
         raise ValueError(f"unknown credit method {method!r}; valid: {', '.join(CREDIT_METHODS)}")
     rng = np.random.default_rng(seed)
     theta = np.zeros(len(STATES)) if init_logits is None else np.asarray(init_logits, dtype=np.float64).copy()
+    if reactive and not np.allclose(theta, np.bincount(REACTIVE_OF_STATE, weights=theta)[REACTIVE_OF_STATE]
+                                    / np.bincount(REACTIVE_OF_STATE)[REACTIVE_OF_STATE]):
+        raise ValueError("a reactive policy needs init_logits with CC == DC and CD == DD")
     adam = Adam(theta.size, lr)
     snapshots: list[NDArray[np.float64]] = []
     history = np.zeros((iterations, len(STATES)))
@@ -196,6 +205,8 @@ def train_tabular(
 
         # 4. Policy-gradient ascent on (1/N_dec) sum C_t log pi(a_t | s_t): one Adam step.
         grad = policy_gradient(states[trained], actions[trained], p_coop[trained], C)
+        if reactive:
+            grad = np.bincount(REACTIVE_OF_STATE, weights=grad)[REACTIVE_OF_STATE]
         theta = adam.step(theta, grad)
 
         history[it] = sigmoid(theta)

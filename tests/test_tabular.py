@@ -95,3 +95,30 @@ def test_adam_first_step_is_lr_times_sign() -> None:
 def test_unknown_method() -> None:
     with pytest.raises(ValueError, match="naive, sum, aa"):
         train_tabular("lola", iterations=1)
+
+
+# SmolLM2-135M's guided IPD prior (iteration 0 of configs/ipd_naive_cpu.yaml: P(C) at the start
+# ~0.93, after the opponent cooperated 0.85, after it defected 0.275): a tit-for-tat-like start.
+LLM_PRIOR = np.array([0.93, 0.85, 0.275, 0.85, 0.275])
+
+
+def test_reactive_policy_keeps_tied_states_tied() -> None:
+    r = train_tabular("naive", iterations=50, init_logits=np.log(LLM_PRIOR / (1 - LLM_PRIOR)), reactive=True)
+    assert np.allclose(r.history[:, 1], r.history[:, 3]) and np.allclose(r.history[:, 2], r.history[:, 4])
+    assert not np.allclose(r.history[-1], LLM_PRIOR, atol=0.02)  # and it did learn
+
+
+def test_reactive_naive_from_a_reciprocating_prior_learns_tit_for_tat_not_defection() -> None:
+    """Why naive RL did not defect on SmolLM2 (sysdesign/results.md): against a copy of itself that
+    retaliates, a reactive policy's own-return gradient favours cooperating first and retaliating."""
+    init = np.log(LLM_PRIOR / (1 - LLM_PRIOR))
+    for seed in range(3):
+        p = train_tabular("naive", seed=seed, init_logits=init, reactive=True).p_c
+        assert p["start"] > 0.95 and p["CC"] > 0.95 and p["CD"] < 0.2, p
+        zero = train_tabular("naive", seed=seed, reactive=True).p_c  # from 0.5 everywhere: defects
+        assert zero["start"] < 0.1 and zero["CD"] < 0.1, zero
+
+
+def test_reactive_needs_tied_init() -> None:
+    with pytest.raises(ValueError, match="reactive"):
+        train_tabular("naive", iterations=1, init_logits=np.array([0.0, 1.0, 0.0, 0.0, 0.0]), reactive=True)
