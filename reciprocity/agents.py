@@ -11,6 +11,9 @@ Accepted forms (FORMS):
   variable's *name* is kept: the key never enters a spec, a repr or an error;
 - `human`: a person at the web app (`reciprocity serve`); evaluate and play refuse it.
 
+Any form may carry a label for tables and plots: `LABEL=SPEC` (e.g. `aa=run:3f2c...`), LABEL made of
+letters, digits, `_`, `.` and `-`, starting with a letter.
+
 `parse_agent` turns a spec into an `Agent`: the worker's `PlayerSpec`, plus the `AdapterVersion` to
 load on the worker or the `APIConfig` to register in the worker's `api` config.
 """
@@ -20,7 +23,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from actors.adapters import AdapterError, AdapterVersion
@@ -29,7 +32,9 @@ from actors.worker import PlayerSpec
 from envs import EnvConfigError
 from envs import scripted as scripted_
 
-FORMS = ("scripted:NAME", "adapter:PATH", "run:RUN_ID[@VERSION]", "base", "api:BASE_URL#MODEL", "human")
+FORMS = ("scripted:NAME", "adapter:PATH", "run:RUN_ID[@VERSION]", "base", "api:BASE_URL#MODEL", "human",
+         "LABEL=any of these")
+LABEL = re.compile(r"([A-Za-z][A-Za-z0-9_.-]{0,39})=(.+)")
 API_KEY_ENVS = ("RECIPROCITY_API_KEY", "OPENAI_API_KEY")
 RUN_ARTIFACTS = "adapters"  # a training run logs version N under adapters/vN/
 _VERSION_DIR = re.compile(r"^v(\d+)$")
@@ -63,6 +68,9 @@ class Agent:
 def parse_agent(spec: str, game: str | None = None, tracking_uri: str | None = None) -> Agent:
     """The `Agent` of a spec string. With `game`, scripted names are checked against that game's
     strategies; `tracking_uri` is the MLflow store that `run:` specs are resolved in."""
+    if labelled := LABEL.fullmatch(spec):
+        label, inner = labelled.groups()
+        return replace(parse_agent(inner, game, tracking_uri), spec=spec, name=label)
     kind, sep, rest = spec.partition(":")
     if not sep:
         if spec == "base":

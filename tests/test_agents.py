@@ -81,6 +81,20 @@ def test_api_spec_reads_the_key_name_never_the_key(monkeypatch: pytest.MonkeyPat
         assert SECRET not in str(e.value) and "\n" not in str(e.value)
 
 
+def test_labelled_specs_keep_the_inner_agent_under_the_label(tmp_path: Path) -> None:
+    tft = parse_agent("nice=scripted:tit_for_tat", "ipd")
+    assert (tft.kind, tft.name, tft.spec, tft.player.policy) == ("scripted", "nice", "nice=scripted:tit_for_tat",
+                                                                "tit_for_tat")
+    assert parse_agent("ref.model-1=base", "ipd").name == "ref.model-1"
+    a = parse_agent(f"mine=adapter:{write_adapter(tmp_path / 'policy', b'w')}", "ipd")
+    assert a.kind == "adapter" and a.name == "mine" and a.adapter.sha256 == hashlib.sha256(b"w").hexdigest()
+    # an '=' after a kind prefix is part of that spec (a URL query, a path), not a label
+    assert parse_agent("api:http://127.0.0.1:1/v1?x=1#m", "ipd").kind == "api"
+    for bad in ("x=nothing_known", "1x=base", "=base", "x="):
+        with pytest.raises(AgentSpecError):
+            parse_agent(bad, "ipd")
+
+
 @pytest.mark.parametrize("spec", ["foo:bar", "adapter:", "run:", "base:x", "what ever", "scripted:"])
 def test_unknown_specs_list_the_accepted_forms(spec: str) -> None:
     with pytest.raises(AgentSpecError) as e:
