@@ -91,6 +91,11 @@ def parse_agent(spec: str, game: str | None = None, tracking_uri: str | None = N
     raise AgentSpecError(f"unknown agent {spec!r}; {_forms()}")
 
 
+def unlabelled(spec: str) -> str:
+    """The spec without its `LABEL=` prefix (if any)."""
+    return labelled.group(2) if (labelled := LABEL.fullmatch(spec)) else spec
+
+
 def parse_agents(specs: list[str], game: str | None = None, tracking_uri: str | None = None) -> list[Agent]:
     return [parse_agent(s, game, tracking_uri) for s in specs]
 

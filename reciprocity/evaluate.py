@@ -38,7 +38,7 @@ from actors.vllm_engine import ALLOWED_LORA_RANKS
 from actors.worker import MatchSpec, RolloutWorker, SamplingSpec
 from envs.loop import play_scripted
 from envs.metrics import summarize
-from reciprocity.agents import Agent, parse_agent, refuse_human
+from reciprocity.agents import Agent, parse_agent, refuse_human, unlabelled
 from reciprocity.config import Config
 from reciprocity.metrics import game_records, iteration_metrics
 
@@ -86,7 +86,7 @@ def resolve(game: str, agents: Sequence[str | Agent], cfg: Config, command: str 
     from reciprocity.tracking import tracking_uri
 
     envs.check_game(game)
-    uri = tracking_uri(cfg) if any(isinstance(a, str) and a.startswith("run:") for a in agents) else None
+    uri = tracking_uri(cfg) if any(isinstance(a, str) and unlabelled(a).startswith("run:") for a in agents) else None
     out = [a if isinstance(a, Agent) else parse_agent(a, game, uri) for a in agents]
     refuse_human(out, command)
     return out

@@ -135,6 +135,25 @@ def test_run_spec_resolves_latest_and_pinned_versions(mlflow_run: tuple[str, str
     assert pinned.adapter.version == 1 and pinned.adapter.data == payloads[1]
 
 
+def test_labelled_run_spec_is_resolved_in_the_configs_store(mlflow_run: tuple[str, str, dict[int, bytes]],
+                                                             monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """evaluate's `resolve` must look a labelled `aa=run:ID` up in the config's MLflow store, like a bare
+    `run:ID` (it once passed no store for labelled specs and MLflow created ./mlflow.db instead)."""
+    from reciprocity.config import Config
+    from reciprocity.evaluate import resolve
+
+    uri, run_id, payloads = mlflow_run
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = Config.model_validate({"tracking": {"uri": uri}})
+    agents = resolve("ipd", [f"aa=run:{run_id}", f"run:{run_id}@1"], cfg)
+    assert [a.name for a in agents] == ["aa", f"{run_id[:8]}@v1"]
+    assert agents[0].adapter.sha256 == hashlib.sha256(payloads[3]).hexdigest()
+    assert not (cwd / "mlflow.db").exists() and not (cwd / "mlruns").exists()
+
+
 def test_run_spec_errors(mlflow_run: tuple[str, str, dict[int, bytes]], tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
