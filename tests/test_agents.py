@@ -148,8 +148,8 @@ def test_labelled_run_spec_is_resolved_in_the_configs_store(mlflow_run: tuple[st
     monkeypatch.chdir(cwd)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = Config.model_validate({"tracking": {"uri": uri}})
-    agents = resolve("ipd", [f"aa=run:{run_id}", f"run:{run_id}@1"], cfg)
-    assert [a.name for a in agents] == ["aa", f"{run_id[:8]}@v1"]
+    agents = resolve("ipd", [f"aa=run:{run_id}", f"one=run:{run_id}@1"], cfg)  # labelled specs only
+    assert [a.name for a in agents] == ["aa", "one"] and agents[1].adapter.version == 1
     assert agents[0].adapter.sha256 == hashlib.sha256(payloads[3]).hexdigest()
     assert not (cwd / "mlflow.db").exists() and not (cwd / "mlruns").exists()
 
