@@ -84,7 +84,7 @@ class EvaluationRun:
     def __init__(self, cfg: Config, parent_run: str | None, game: str) -> None:
         from mlflow.tracking import MlflowClient
 
-        from reciprocity.tracking import git_commit, tracking_uri
+        from reciprocity.tracking import artifacts_beside, git_commit, tracking_uri
 
         self.client = MlflowClient(tracking_uri(cfg))
         tags = {"reciprocity.kind": "evaluation", "git_commit": git_commit()}
@@ -94,7 +94,7 @@ class EvaluationRun:
         else:
             exp = self.client.get_experiment_by_name(cfg.tracking.experiment)
             experiment_id = exp.experiment_id if exp else self.client.create_experiment(
-                cfg.tracking.experiment, artifact_location=_artifacts_beside(self.client.tracking_uri))
+                cfg.tracking.experiment, artifact_location=artifacts_beside(self.client.tracking_uri))
         self.run_id: str = self.client.create_run(experiment_id, tags=tags, run_name=f"evaluate-{game}").info.run_id
 
     def finish(self, result: dict[str, Any], files: dict[str, Path]) -> None:
@@ -124,13 +124,6 @@ class EvaluationRun:
 
 def open_run(cfg: Config, parent_run: str | None, game: str) -> EvaluationRun:
     return EvaluationRun(cfg, parent_run, game)
-
-
-def _artifacts_beside(uri: str) -> str | None:
-    """For a sqlite store, artifacts beside the database (MLflow's default is ./mlruns in the cwd)."""
-    if uri.startswith("sqlite:///"):
-        return str(Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts")
-    return None
 
 
 def write(result: dict[str, Any], out: Path) -> dict[str, Path]:

@@ -39,6 +39,14 @@ def tracking_uri(cfg: Config) -> str:
     return f"sqlite:///{runs / 'mlflow.db'}"
 
 
+def artifacts_beside(uri: str) -> str | None:
+    """Artifact root of a new experiment: for a sqlite store, `mlartifacts/` beside the database
+    (MLflow's default would be ./mlruns of whatever the working directory is); else the server's."""
+    if uri.startswith("sqlite:///"):
+        return str(Path(uri.removeprefix("sqlite:///")).absolute().parent / "mlartifacts")
+    return None
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -57,7 +65,8 @@ class Tracker:
         mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(self.uri)
         exp = self.client.get_experiment_by_name(cfg.tracking.experiment)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(cfg.tracking.experiment)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(
+            cfg.tracking.experiment, artifact_location=artifacts_beside(self.uri))
         if run_id is None:
             run = mlflow.start_run(experiment_id=exp_id, run_name=cfg.run_name,
                                    log_system_metrics=cfg.tracking.system_metrics)
