@@ -166,8 +166,7 @@ def train_tabular(
         raise ValueError(f"unknown credit method {method!r}; valid: {', '.join(CREDIT_METHODS)}")
     rng = np.random.default_rng(seed)
     theta = np.zeros(len(STATES)) if init_logits is None else np.asarray(init_logits, dtype=np.float64).copy()
-    if reactive and not np.allclose(theta, np.bincount(REACTIVE_OF_STATE, weights=theta)[REACTIVE_OF_STATE]
-                                    / np.bincount(REACTIVE_OF_STATE)[REACTIVE_OF_STATE]):
+    if reactive and not np.allclose(theta[[1, 2]], theta[[3, 4]]):  # CC == DC, CD == DD
         raise ValueError("a reactive policy needs init_logits with CC == DC and CD == DD")
     adam = Adam(theta.size, lr)
     snapshots: list[NDArray[np.float64]] = []

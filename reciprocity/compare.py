@@ -43,28 +43,31 @@ def markdown_table(rows: Mapping[str, Mapping[str, Any]], figures: Sequence[str]
     return "\n".join(lines)
 
 
-def fetch(run_ids: Sequence[str], figures: Sequence[str], uri: str) -> tuple[dict[str, dict[str, Any]], str]:
-    """Each run's name, game, histories, iterations and wall-clock from MLflow. Runs are labelled by
-    their run name (with the id prefix when two runs share a name)."""
+def fetch(run_ids: Sequence[str], uri: str) -> tuple[dict[str, dict[str, Any]], str]:
+    """The runs' game, and each run's histories of that game's FIGURES, iterations and wall-clock
+    from MLflow. Runs are labelled by their run name (with the id prefix when two share a name);
+    runs of different games are refused (ValueError)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
-    runs, games = {}, set()
-    for rid in run_ids:
-        run = client.get_run(rid)
+    found = [client.get_run(rid) for rid in run_ids]
+    games = {run.data.params.get("game.name", "ipd") for run in found}
+    if len(games) > 1:
+        raise ValueError(f"the runs played different games: {sorted(games)}")
+    game = games.pop()
+    runs: dict[str, dict[str, Any]] = {}
+    for run in found:
+        rid = run.info.run_id
         name = run.info.run_name or rid
         if name in runs:
             name = f"{name} ({rid[:8]})"
-        games.add(run.data.params.get("game.name", "ipd"))
-        history = {f: [(m.step, m.value) for m in client.get_metric_history(rid, f)] for f in figures}
-        steps = {m.step for m in client.get_metric_history(rid, "cooperation_rate")} or \
-            {m.step for m in client.get_metric_history(rid, "return_per_round")}
+        history = {f: [(m.step, m.value) for m in client.get_metric_history(rid, f)]
+                   for f in FIGURES.get(game, FIGURES["ipd"])}
+        steps = {step for step, _ in history.get("cooperation_rate") or history["return_per_round"]}
         end = run.info.end_time or run.info.start_time
         runs[name] = {"run_id": rid, "history": history, "iterations": len(steps),
-                      "minutes": (end - run.info.start_time) / 60000.0}
-    if len(games) > 1:
-        raise ValueError(f"the runs played different games: {sorted(games)}")
-    return runs, games.pop() if games else "ipd"
+                      "minutes": (end - run.info.start_time) / 60000.0, "last": last_values(history)}
+    return runs, game
 
 
 def main(run_ids: Sequence[str], out: Path, uri: str) -> int:
@@ -74,14 +77,11 @@ def main(run_ids: Sequence[str], out: Path, uri: str) -> int:
         print("error: no run ids given: reciprocity compare RUN_ID RUN_ID ...", file=sys.stderr)
         return 2
     try:
-        runs, game = fetch(run_ids, sorted({f for fs in FIGURES.values() for f in fs}), uri)
+        runs, game = fetch(run_ids, uri)
     except (MlflowException, ValueError) as e:
         print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 2
     figures = FIGURES.get(game, FIGURES["ipd"])
-    for r in runs.values():
-        r["history"] = {f: r["history"].get(f, []) for f in figures}
-        r["last"] = last_values(r["history"])
     out.mkdir(parents=True, exist_ok=True)
     plot_comparison({name: r["history"] for name, r in runs.items()}, figures, out / "comparison.png",
                     title=f"{game}: " + ", ".join(runs))
