@@ -1,4 +1,5 @@
-"""Shared fixtures: the prepared SmolLM2 export and a tiny random Llama with its tokenizer."""
+"""Shared fixtures: the prepared SmolLM2 export, its tokenizer, and a tiny random Llama with that tokenizer.
+Shared helpers (fakes, trajectory builders) live in support.py and vllm_support.py."""
 
 from __future__ import annotations
 
@@ -31,3 +32,11 @@ def tiny_model_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     from reciprocity.models import build_tiny
 
     return build_tiny(model_dir, tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_dir: Path):
+    """SmolLM2's Hugging Face tokenizer (chat template included)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir))

@@ -360,7 +360,7 @@ def test_worker_counts_api_forfeits(server: Server, model_dir: Path) -> None:
 
     server.plan[:] = ["500"] * 5 + ["valid"] * 2 + ["hang"] * 5  # two decisions forfeited, in whatever games
     worker = RolloutWorker({
-        "model": str(model_dir), "engine_factory": "test_worker:fake_engine", "check_template": False,
+        "model": str(model_dir), "engine_factory": "support:fake_engine", "check_template": False,
         "api": {"flaky": _config(server, breaker_failures=10)},
     })
     specs = [MatchSpec("ipd", game_id=g, group_id=0, seed=g, options={"n_rounds": 2},

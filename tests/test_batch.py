@@ -1,18 +1,17 @@
 """learner.batch: Arrow trajectories -> credits -> token tensors (credits on the right tokens, pairing
 by game id, trainable rows only, bucketing with little padding, rank sharding, schema errors).
 
-`ipd_table` builds IPD-like trajectories with the real tokenizer; other test modules import it.
+IPD-like trajectories with the real tokenizer come from tests/support.py (`ipd_game`, `ipd_table`).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pyarrow as pa
 import pytest
+from support import RULES, ipd_game, ipd_table
 
-from actors.trajectories import SeatTrajectory, to_batch
+from actors.trajectories import to_batch
 from learner.batch import (
     BatchError,
     CreditSpec,
@@ -22,74 +21,6 @@ from learner.batch import (
     row_credits,
 )
 from learner.credit import credits, group_baseline_advantages, returns_to_go
-
-ROOT = Path(__file__).resolve().parents[1]
-TOKENIZER_DIR = ROOT / "models" / "smollm2-135m-instruct"
-PAYOFF = {("C", "C"): (3, 3), ("C", "D"): (0, 5), ("D", "C"): (5, 0), ("D", "D"): (1, 1)}
-IPD_REGEX = "(<A>|<B>)"
-RULES = (
-    "You are playing an iterated game against another agent. Each round you both choose <A> or <B> "
-    "at the same time. Answer exactly <A> or <B>."
-)
-
-
-@pytest.fixture(scope="session")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
-
-
-def ipd_game(
-    tok,
-    game_id: int,
-    group_id: int,
-    rng: np.random.Generator,
-    n_rounds: int = 3,
-    trainable: tuple[bool, bool] = (True, True),
-    guided: bool = True,
-    rules: str = RULES,
-    version: int = 0,
-) -> list[SeatTrajectory]:
-    """Both seats of one IPD game: prompt, then per round a generated `<A>`/`<B>` + eos and the
-    next user turn. Engine log-probs: log 0.5 on the choice token, 0 on forced tokens (guided)."""
-    eos = tok.eos_token_id
-    seats = [
-        SeatTrajectory("run", 0, game_id, group_id, "ipd", 0, s, "learner" if trainable[s] else "scripted",
-                       version, "x", version, trainable[s], 1.0)
-        for s in (0, 1)
-    ]
-    prompt = tok.apply_chat_template([{"role": "user", "content": rules}], add_generation_prompt=True,
-                                     tokenize=True, return_dict=False)
-    for s in seats:
-        if s.trainable:
-            s.add_prompt(prompt)
-    for t in range(n_rounds):
-        acts = [rng.choice(["C", "D"]) for _ in (0, 1)]
-        rewards = PAYOFF[(acts[0], acts[1])]
-        for i, s in enumerate(seats):
-            label = "<A>" if acts[i] == "C" else "<B>"
-            s.rewards.append(float(rewards[i]))
-            s.actions.append(acts[i])
-            s.n_decisions += 1
-            if not s.trainable:
-                continue
-            ids = tok.encode(label, add_special_tokens=False) + [eos]
-            lps = [0.0, float(np.log(0.5))] + [0.0] * (len(ids) - 2) if guided else list(-rng.random(len(ids)))
-            s.add_generated(ids, lps, t, version)
-            s.guided.append(guided)
-            s.decision_regex.append(IPD_REGEX if guided else "")
-            other = "<A>" if acts[1 - i] == "C" else "<B>"
-            turn = f"\n<|im_start|>user\nLast round, the other agent played {other}.<|im_end|>\n<|im_start|>assistant\n"
-            s.add_prompt(tok.encode(turn, add_special_tokens=False))
-    return seats
-
-
-def ipd_table(tok, n_games: int = 4, seed: int = 0, group_size: int = 2, **kw) -> pa.Table:
-    rng = np.random.default_rng(seed)
-    rows = [r for g in range(n_games) for r in ipd_game(tok, g, g // group_size, rng, **kw)]
-    return pa.Table.from_batches([to_batch(rows)])
-
 
 # ---------------------------------------------------------------------------------------- credits
 

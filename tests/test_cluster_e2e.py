@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_train_e2e import tiny_overrides
+from support import tiny_overrides
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

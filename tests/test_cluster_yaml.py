@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import copy
 import re
-import shlex
-from pathlib import Path
 from typing import Any
 
 import click
@@ -23,9 +21,7 @@ import jsonschema
 import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
-
-ROOT = Path(__file__).resolve().parents[1]
-CLUSTER_YAML = ROOT / "ray_cluster.yaml"
+from support import CLUSTER_YAML, ROOT, find_command, find_commands, parse_click
 
 
 @pytest.fixture(scope="module")
@@ -37,52 +33,6 @@ def validated(config: dict[str, Any]) -> dict[str, Any]:
     prepared = prepare_config(copy.deepcopy(config))
     validate_config(prepared)
     return prepared
-
-
-SEPARATORS = {"&&", "||", ";", "&", "|", "(", ")"}
-
-
-def simple_commands(line: str) -> list[list[str]]:
-    """Split one shell line into its simple commands (argv lists), quotes kept, redirections dropped."""
-    lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
-    lexer.whitespace_split = True
-    out: list[list[str]] = [[]]
-    tokens = iter(lexer)
-    for tok in tokens:
-        if tok in SEPARATORS:
-            out.append([])
-        elif set(tok) <= set("<>&") and set(tok) & set("<>"):  # a redirection: drop it and its target
-            next(tokens, None)
-            if out[-1] and out[-1][-1].isdigit():  # the `2` of `2>/dev/null`
-                out[-1].pop()
-        else:
-            out[-1].append(tok)
-    return [argv for argv in out if argv]
-
-
-def find_commands(lines: list[str], *prefix: str) -> list[list[str]]:
-    """The argv after `prefix` of each simple command that starts with it (path-qualified ok)."""
-    found = []
-    for line in lines:
-        for argv in simple_commands(line):
-            while argv and argv[0] in ("nohup", "setsid"):
-                argv = argv[1:]
-            if (len(argv) >= len(prefix) and Path(argv[0]).name == prefix[0]
-                    and tuple(argv[1:len(prefix)]) == prefix[1:]):
-                found.append(argv[len(prefix):])
-    return found
-
-
-def find_command(lines: list[str], *prefix: str) -> list[str]:
-    found = find_commands(lines, *prefix)
-    assert len(found) == 1, f"expected one `{' '.join(prefix)}` command, found {found}"
-    return found[0]
-
-
-def parse_click(command: click.Command, args: list[str]) -> dict[str, Any]:
-    """Parse `args` with a click command's own parser without running it (unknown flags fail)."""
-    with command.make_context(command.name or "cmd", list(args)) as ctx:
-        return dict(ctx.params)
 
 
 def test_validates_with_rays_schema(raw: dict[str, Any]) -> None:

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_batch import IPD_REGEX, RULES, tokenizer  # noqa: F401  (fixture)
+from support import IPD_REGEX, RULES
 
 from learner.constrain import UNCONSTRAINED, Constrainer, unpack_bitmask, vllm_stop_token_ids
 from learner.loss import constrained_logits, token_logprobs
 
 
 @pytest.fixture(scope="module")
-def constrainer(tokenizer):  # noqa: F811
+def constrainer(tokenizer):
     return Constrainer(tokenizer, len(tokenizer), stop_token_ids=[tokenizer.eos_token_id])
 
 
@@ -20,7 +20,7 @@ def _allowed(con: Constrainer, mask_id: int) -> list[int]:
     return torch.nonzero(unpack_bitmask(con.bitmasks([mask_id]), con.vocab_size)[0]).flatten().tolist()
 
 
-def test_ipd_masks_force_all_but_the_choice(tokenizer, constrainer) -> None:  # noqa: F811
+def test_ipd_masks_force_all_but_the_choice(tokenizer, constrainer) -> None:
     eos = tokenizer.eos_token_id
     ids_a = tokenizer.encode("<A>", add_special_tokens=False) + [eos]
     ids_b = tokenizer.encode("<B>", add_special_tokens=False) + [eos]
@@ -36,7 +36,7 @@ def test_ipd_masks_force_all_but_the_choice(tokenizer, constrainer) -> None:  # 
     assert len(constrainer.bitmasks()) == n  # repeats add no masks
 
 
-def test_rejected_and_post_stop_tokens_stay_unconstrained(tokenizer, constrainer) -> None:  # noqa: F811
+def test_rejected_and_post_stop_tokens_stay_unconstrained(tokenizer, constrainer) -> None:
     eos = tokenizer.eos_token_id
     bad = tokenizer.encode("<C>", add_special_tokens=False)
     before = constrainer.n_rejected
@@ -48,7 +48,7 @@ def test_rejected_and_post_stop_tokens_stay_unconstrained(tokenizer, constrainer
     assert constrainer.n_after_stop >= 1
 
 
-def test_free_text_regex_masks(tokenizer, constrainer) -> None:  # noqa: F811
+def test_free_text_regex_masks(tokenizer, constrainer) -> None:
     regex = "<<message_start>>[^<>]{0,500}<<message_end>>"
     ids = tokenizer.encode("<<message_start>>I have paper, let us split fairly.<<message_end>>",
                            add_special_tokens=False) + [tokenizer.eos_token_id]
@@ -57,7 +57,7 @@ def test_free_text_regex_masks(tokenizer, constrainer) -> None:  # noqa: F811
     assert len(_allowed(constrainer, masks[len(ids) // 2])) > 1000  # free text inside the message
 
 
-def test_constrained_logprobs_on_tiny_model(tiny_model_dir, tokenizer, constrainer) -> None:  # noqa: F811
+def test_constrained_logprobs_on_tiny_model(tiny_model_dir, tokenizer, constrainer) -> None:
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(1)
@@ -77,12 +77,12 @@ def test_constrained_logprobs_on_tiny_model(tiny_model_dir, tokenizer, constrain
     assert logp[1].item() == pytest.approx(restricted.item(), abs=1e-6)
 
 
-def test_vllm_stop_tokens_read_generation_config(model_dir, tokenizer) -> None:  # noqa: F811
+def test_vllm_stop_tokens_read_generation_config(model_dir, tokenizer) -> None:
     assert vllm_stop_token_ids(model_dir, tokenizer) == [tokenizer.eos_token_id]
 
 
 @pytest.mark.slow
-def test_matches_vllm_processed_logprobs_of_guided_samples(tiny_model_dir, tokenizer) -> None:  # noqa: F811
+def test_matches_vllm_processed_logprobs_of_guided_samples(tiny_model_dir, tokenizer) -> None:
     """Guided samples from a real vLLM engine (bf16, temperature 0.8, processed_logprobs): the
     learner's constrained log-probs (fp32) agree within bf16 tolerance; forced tokens are 0 in both."""
     from transformers import AutoModelForCausalLM

@@ -324,11 +324,15 @@ def test_tas_steps_prompts_and_rewards() -> None:
 
 
 def test_tas_message_truncation() -> None:
-    env = envs.make("trust_and_split", n_rounds=1)
-    _, infos = env.reset(seed=0)
-    starter = "alice" if infos["alice"]["acts"] else "bob"
-    env.step({starter: "<<message_start>>" + "x" * 600 + "<<message_end>>"})
-    info = env.game_info()
-    assert info["n_truncated"] == [1, 0] if starter == "alice" else [0, 1]
-    assert info["n_invalid"] == [0, 0]
-    assert env._messages[envs.AGENTS.index(starter)] == "x" * 500
+    starters = set()
+    for seed in range(8):  # both agents start in some of these games
+        env = envs.make("trust_and_split", n_rounds=1)
+        _, infos = env.reset(seed=seed)
+        starter = "alice" if infos["alice"]["acts"] else "bob"
+        starters.add(starter)
+        env.step({starter: "<<message_start>>" + "x" * 600 + "<<message_end>>"})
+        info = env.game_info()
+        assert info["n_truncated"] == ([1, 0] if starter == "alice" else [0, 1])
+        assert info["n_invalid"] == [0, 0]
+        assert env._messages[envs.AGENTS.index(starter)] == "x" * 500
+    assert starters == {"alice", "bob"}

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from test_batch import ipd_table, tokenizer  # noqa: F401  (fixture)
+from support import ipd_table
 
 from learner.learner import Learner, LearnerConfig
 
@@ -51,7 +51,7 @@ def _lora_state(learner: Learner) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_learner_trains_exports_and_checkpoints(tiny_model_dir, tokenizer, tmp_path) -> None:  # noqa: F811
+def test_learner_trains_exports_and_checkpoints(tiny_model_dir, tokenizer, tmp_path) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -100,7 +100,7 @@ def test_learner_trains_exports_and_checkpoints(tiny_model_dir, tokenizer, tmp_p
 
 
 @pytest.mark.slow
-def test_zero3_trains_and_exports_gathered_weights(tiny_model_dir, tokenizer) -> None:  # noqa: F811
+def test_zero3_trains_and_exports_gathered_weights(tiny_model_dir, tokenizer) -> None:
     from safetensors.torch import load
 
     table = ipd_table(tokenizer, n_games=2, seed=2, guided=False)
@@ -144,7 +144,7 @@ def _run(world_size: int, config: dict, table: pa.Table, steps: int) -> tuple[by
 
 
 @pytest.mark.slow
-def test_two_ranks_zero2_equal_one_rank(tiny_model_dir, tokenizer) -> None:  # noqa: F811
+def test_two_ranks_zero2_equal_one_rank(tiny_model_dir, tokenizer) -> None:
     """Same global batch, 2 steps: ZeRO-2 over 2 gloo ranks vs 1 rank. Tolerance: the updates differ
     only by the order of fp32 gradient sums, so |delta_2 - delta_1| <= 1e-3 * |delta_1|_max + 1e-6."""
     from safetensors.torch import load

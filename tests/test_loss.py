@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from test_batch import ipd_table, tokenizer  # noqa: F401  (fixture)
+from support import ipd_table
 
 from learner.batch import CreditSpec, build_iteration
 from learner.loss import (
@@ -109,7 +109,7 @@ def test_constrained_logprobs_forced_and_choice_tokens() -> None:
     assert torch.isfinite(H).all()
 
 
-def test_prompt_tokens_get_no_gradient(tokenizer) -> None:  # noqa: F811
+def test_prompt_tokens_get_no_gradient(tokenizer) -> None:
     table = ipd_table(tokenizer, n_games=2, guided=False)
     it = build_iteration(table, CreditSpec(normaliser=5.0), max_tokens=10**6)
     (mb,) = it.micro_batches
@@ -143,7 +143,7 @@ def _peft(tiny_model_dir, init_lora_weights=True):
     return model, lambda mb: head(mb.input_ids, mb.attention_mask, mb.logit_pos)
 
 
-def test_kl_is_zero_with_a_zero_adapter(tiny_model_dir, tokenizer) -> None:  # noqa: F811
+def test_kl_is_zero_with_a_zero_adapter(tiny_model_dir, tokenizer) -> None:
     torch.set_num_threads(1)
     model, logits_fn = _peft(tiny_model_dir)  # LoRA B = 0: the adapter is the identity
     it = build_iteration(ipd_table(tokenizer, n_games=2, guided=False), CreditSpec(), max_tokens=10**6)
@@ -153,7 +153,7 @@ def test_kl_is_zero_with_a_zero_adapter(tiny_model_dir, tokenizer) -> None:  # n
     assert math.isfinite(stats["loss"])
 
 
-def test_accumulation_over_micro_batches_equals_full_batch(tiny_model_dir, tokenizer) -> None:  # noqa: F811
+def test_accumulation_over_micro_batches_equals_full_batch(tiny_model_dir, tokenizer) -> None:
     torch.set_num_threads(1)
     model, logits_fn = _peft(tiny_model_dir, init_lora_weights=False)  # random A and B: all grads live
     table = ipd_table(tokenizer, n_games=3, seed=5, guided=False)

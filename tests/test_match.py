@@ -8,52 +8,14 @@ import json
 from pathlib import Path
 
 import pytest
+from support import GUIDED, FakeEngine
 
 import envs
-from actors.adapters import AdapterVersion
 from actors.chat import ChatTemplate
-from actors.engine import Generation, Sampling, UnknownAdapterError
+from actors.engine import UnknownAdapterError
 from actors.match import SeatSpec, play_match
 from actors.scripted_engine import ScriptedEngine
 from actors.trajectories import SeatTrajectory, to_batch
-
-GUIDED = {"(<A>|<B>)": ("<A>", "<B>")}
-
-
-def guided_answer(regex: str, n: int) -> str:
-    if regex in GUIDED:
-        return GUIDED[regex][n % 2]
-    if "message_start" in regex:
-        return "<<message_start>>My hand is rock.<<message_end>>"
-    if "proposal_start" in regex:
-        return f"<<proposal_start>> {n % 11} <<proposal_end>>"
-    return f"Proposal: {n % 11} hats, 5 books, 10 balls"
-
-
-class FakeEngine:
-    """A token engine test double: unguided samples are `garbage`; guided samples are valid
-    answers picked by the prompt length. Generated ids are the answer's tokens plus the stop token."""
-
-    def __init__(self, template: ChatTemplate, garbage: str = "Sure! Let me think about it.") -> None:
-        self.template, self.garbage = template, garbage
-        self.loaded: set[str] = set()
-        self.calls: list[tuple[list[int], Sampling, str | None]] = []
-
-    async def generate(self, prompt_token_ids: list[int], sampling: Sampling, adapter: str | None) -> Generation:
-        if adapter is not None and adapter not in self.loaded:
-            raise UnknownAdapterError(adapter)
-        self.calls.append((list(prompt_token_ids), sampling, adapter))
-        await asyncio.sleep(0)
-        text = guided_answer(sampling.regex, len(prompt_token_ids)) if sampling.regex else self.garbage
-        ids = self.template.encode(text) + [self.template.tokenizer.eos_token_id]
-        return Generation(ids, [-0.25] * len(ids), text, adapter, "stop")
-
-    async def load_adapter(self, version: AdapterVersion) -> str:
-        self.loaded.add(version.key)
-        return version.key
-
-    async def unload_adapter(self, key: str) -> None:
-        self.loaded.discard(key)
 
 
 @pytest.fixture(scope="module")

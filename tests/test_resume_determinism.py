@@ -28,7 +28,7 @@ from typing import Any
 
 import psutil
 import pytest
-from test_train_e2e import tiny_overrides
+from support import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 3  # iterations of both runs
@@ -50,7 +50,7 @@ def _play(engine: Any, template: Any, seed: int, game_id: int, seat_seed: int | 
 
 
 def test_every_rollout_request_carries_its_own_seed(model_dir: Path) -> None:
-    from test_match import FakeEngine
+    from support import FakeEngine
 
     from actors.chat import ChatTemplate
 

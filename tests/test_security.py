@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 import yaml
-from test_cluster_yaml import CLUSTER_YAML, find_command, parse_click
+from support import CLUSTER_YAML, find_command, parse_click
 
 from actors.redact import (
     MASK,

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_match import FakeEngine
+from support import FakeEngine
 
 from actors.chat import ChatTemplate
 from reciprocity.serve import ServeConfig, ServeError, engine_kwargs, parse_adapters

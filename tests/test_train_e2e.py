@@ -6,29 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from support import tiny_overrides
 
 pytestmark = pytest.mark.slow
-
-
-def tiny_overrides(tiny_model_dir: Path, tmp_path: Path, run_name: str = "tiny") -> list[str]:
-    return [
-        f"model.path={tiny_model_dir}",
-        "model.max_model_len=2048",
-        f"runs_dir={tmp_path / 'runs'}",
-        f"run_name={run_name}",
-        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        "tracking.system_metrics=false",
-        "iterations=2",
-        "rollout.games_per_iteration=4",
-        "rollout.concurrency=8",
-        "rollout.kv_cache_gib=1",
-        "rollout.probe_tolerance=0.5",
-        "buffer.snapshot_every=1",
-        "learner.micro_batch_tokens=4096",
-        "learner.lr=1e-3",
-        "checkpoint.every=2",
-        "checkpoint.keep=2",
-    ]
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
 """The training driver under faults, on the tiny model with a local Ray: a rollout worker SIGKILLed
 mid-iteration (restarted by Ray, its games replayed, the iteration holds exactly the planned game
 ids), the asynchronous mode (rollout of k+1 on version k while the learner steps on k), and a
-learner rank SIGKILLed (restored from the last checkpoint, the run goes on to its end)."""
+learner rank SIGKILLed (restored from the last checkpoint, the run goes on to its end). Each test
+builds its own trainer: none depends on what another left (checkpoints, iteration counts)."""
 
 from __future__ import annotations
 
@@ -11,32 +12,39 @@ import time
 from pathlib import Path
 
 import pytest
-
-from tests.test_train_e2e import tiny_overrides
+from support import tiny_overrides
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def trainer(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+def ray_local():
     import ray
 
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture()
+def make_trainer(ray_local, tiny_model_dir: Path, tmp_path: Path):
+    """`make_trainer(*overrides)`: a fresh async-mode trainer of this test (its own run directory and
+    MLflow store), closed at the end of the test."""
     from reciprocity.config import load_config
     from reciprocity.train import Trainer
 
-    tmp = tmp_path_factory.mktemp("faults")
-    ray.init(num_cpus=2, include_dashboard=False)
-    overrides = [*tiny_overrides(tiny_model_dir, tmp, run_name="faults"), "mode=async", "max_staleness=1",
-                 "iterations=3", "checkpoint.every=1", "checkpoint.keep=2"]
-    try:
-        t = Trainer(load_config(Path("configs/smoke.yaml"), overrides))
-        try:
-            yield t
-        finally:
-            t.tracker.finish()
-            t.close()
-    finally:
-        ray.shutdown()
+    made: list[Trainer] = []
+
+    def make(*extra: str) -> Trainer:
+        overrides = [*tiny_overrides(tiny_model_dir, tmp_path, run_name="faults"), "mode=async", "max_staleness=1",
+                     "iterations=3", "checkpoint.every=1", "checkpoint.keep=2", *extra]
+        made.append(Trainer(load_config(Path("configs/smoke.yaml"), overrides)))
+        return made[-1]
+
+    yield make
+    for t in made:
+        t.tracker.finish()
+        t.close()
 
 
 def _pid(actor) -> int:
@@ -56,12 +64,13 @@ def _gone(pid: int, timeout: float = 30.0) -> bool:
     return False
 
 
-def test_worker_killed_mid_rollout_replays_exactly_the_planned_games(trainer) -> None:
+def test_worker_killed_mid_rollout_replays_exactly_the_planned_games(make_trainer) -> None:
     import ray
 
     from actors import trajectories
     from reciprocity.train import check_game_ids, plan_specs
 
+    trainer = make_trainer()
     worker = trainer.workers[0]
     old_pid = _pid(worker)
     trainer._sync_adapters()
@@ -81,7 +90,8 @@ def test_worker_killed_mid_rollout_replays_exactly_the_planned_games(trainer) ->
     assert current.key in ray.get(worker.adapters.remote())  # the restarted worker reloaded the version
 
 
-def test_async_iterations_overlap_with_staleness_one(trainer) -> None:
+def test_async_iterations_overlap_with_staleness_one(make_trainer) -> None:
+    trainer = make_trainer()
     history = list(trainer.iterations())
     assert [h["iteration"] for h in history] == [0, 1, 2]
     assert [h["version"] for h in history] == [1, 2, 3]
@@ -93,26 +103,28 @@ def test_async_iterations_overlap_with_staleness_one(trainer) -> None:
     assert all(h["games"] == 4 and h["rollout/replays"] == 0 for h in history)
 
 
-def test_learner_killed_restores_from_checkpoint_and_finishes(trainer) -> None:
+def test_learner_killed_restores_from_checkpoint_and_finishes(make_trainer) -> None:
     from mlflow.tracking import MlflowClient
 
     from reciprocity import checkpoint
 
-    assert checkpoint.latest(trainer.run_dir).name == "it-000003"
-    trainer.cfg.iterations = 5
+    trainer = make_trainer("iterations=1")
+    assert [h["iteration"] for h in trainer.iterations()] == [0]
+    assert checkpoint.latest(trainer.run_dir).name == "it-000001"
+    trainer.cfg.iterations = 2
     learner_pid = _pid(trainer.learners[0])
     os.kill(learner_pid, signal.SIGKILL)
     assert _gone(learner_pid)
     history = list(trainer.iterations())
 
     assert trainer.restores == 1
-    assert trainer.iteration == 5 and trainer.version == 5
-    assert [h["iteration"] for h in trainer.history] == [0, 1, 2, 3, 4]
-    assert [h["iteration"] for h in history] == [3, 4]
+    assert trainer.iteration == 2 and trainer.version == 2
+    assert [h["iteration"] for h in trainer.history] == [0, 1]
+    assert [h["iteration"] for h in history] == [1]
     assert _pid(trainer.learners[0]) != learner_pid
     client = MlflowClient(trainer.tracker.uri)
     run = client.get_run(trainer.tracker.run_id)
     assert run.data.tags["learner_restores"] == "1"
-    assert [m.value for m in client.get_metric_history(trainer.tracker.run_id, "recovery/to_iteration")] == [3]
-    assert [m.step for m in client.get_metric_history(trainer.tracker.run_id, "version")] == [0, 1, 2, 3, 4]
-    assert checkpoint.latest(trainer.run_dir).name == "it-000005"
+    assert [m.value for m in client.get_metric_history(trainer.tracker.run_id, "recovery/to_iteration")] == [1]
+    assert [m.step for m in client.get_metric_history(trainer.tracker.run_id, "version")] == [0, 1]
+    assert checkpoint.latest(trainer.run_dir).name == "it-000002"

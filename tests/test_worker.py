@@ -18,14 +18,6 @@ from actors.trajectories import concat, validate
 from actors.worker import MatchSpec, PlayerSpec, RolloutWorker, SamplingSpec
 
 
-def fake_engine(config: dict[str, Any]) -> Any:
-    from test_match import FakeEngine
-
-    from actors.chat import ChatTemplate
-
-    return FakeEngine(ChatTemplate.from_pretrained(config["model"]))
-
-
 def tiny_version(name: str, v: int) -> AdapterVersion:
     import hashlib
 
@@ -42,7 +34,7 @@ def ipd_specs(a: PlayerSpec, b: PlayerSpec, games: int, group_size: int, **kw: A
 
 @pytest.fixture()
 def worker(model_dir: Path) -> RolloutWorker:
-    config = {"model": str(model_dir), "engine_factory": "test_worker:fake_engine", "adapters": [tiny_version("a", 1)]}
+    config = {"model": str(model_dir), "engine_factory": "support:fake_engine", "adapters": [tiny_version("a", 1)]}
     return RolloutWorker(config)
 
 
@@ -84,7 +76,7 @@ def test_worker_restart_reloads_from_the_adapter_source(model_dir: Path) -> None
     pool = OpponentPool(snapshot_every=2)
     for it in range(5):
         pool.set_current(tiny_version("learner", it), it)
-    config = {"model": str(model_dir), "engine_factory": "test_worker:fake_engine", "adapter_source": pool}
+    config = {"model": str(model_dir), "engine_factory": "support:fake_engine", "adapter_source": pool}
 
     async def go() -> list[str]:
         w = RolloutWorker(config)
