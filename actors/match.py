@@ -10,7 +10,9 @@ A seat is a policy bound to an engine (`SeatSpec`). Two kinds of engine take sea
   trajectory has empty token lists but rewards, actions and counts.
 
 Per decision of a token seat (spec 2.1-2.2): up to `free_samples` unguided samples, each checked
-with `env.valid`; if none is valid, one guided sample on the decision's regex. Only the accepted
+(`free_sample_match`: "lenient" asks the game's parser, `env.valid`, which finds an action inside
+chatter; "full", the authors' choice, accepts only a whole answer, surrounding whitespace aside,
+that matches the decision's regex); if none is valid, one guided sample on the decision's regex. Only the accepted
 sample enters the chat and the trajectory. Counts: `n_decisions`; `n_resampled` = decisions whose
 free sample(s) were all rejected; `n_invalid` = decisions whose accepted text is still invalid (it is
 passed to the env anyway, which plays it as its invalid default). `guided` holds one bool per
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
@@ -76,6 +79,17 @@ class TextEngine(Protocol):
         ...
 
 
+FREE_SAMPLE_MATCH = ("lenient", "full")
+
+
+def free_sample_ok(env: TextGame, agent: str, text: str, regex: str, match: str) -> bool:
+    """Is an unguided sample accepted? "lenient": the game's parser reads a valid action from it;
+    "full": it is valid and, stripped, the whole of it matches the decision's regex."""
+    if not env.valid(agent, text):
+        return False
+    return match == "lenient" or re.fullmatch(regex, text.strip(), flags=re.DOTALL) is not None
+
+
 @dataclass(frozen=True)
 class SeatSpec:
     """A seat of one match: who plays (policy name and version), on which engine, how.
@@ -96,7 +110,12 @@ class SeatSpec:
     top_p: float = 1.0
     max_tokens: int | None = None
     free_samples: int = 0
+    free_sample_match: str = "lenient"
     seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.free_sample_match not in FREE_SAMPLE_MATCH:
+            raise ValueError(f"free_sample_match must be one of {FREE_SAMPLE_MATCH}, got {self.free_sample_match!r}")
 
     @property
     def is_text(self) -> bool:
@@ -154,7 +173,7 @@ class TokenSeat(_Seat):
         gen, rejected = None, 0
         for _ in range(self.spec.free_samples):
             sample = await self.engine.generate(list(self.chat.ids), self._seeded(free), self.spec.adapter)
-            if self.env.valid(self.agent, sample.text):
+            if free_sample_ok(self.env, self.agent, sample.text, info["regex"], self.spec.free_sample_match):
                 gen = sample
                 break
             rejected += 1

@@ -41,15 +41,24 @@ def resolve_options(game: str, given: dict[str, Any], extra: dict[str, tuple[Any
         if key not in valid:
             raise EnvConfigError(f"unknown option {key!r} for {game}; valid options: {', '.join(valid)}")
     options = {key: given.get(key, values[0]) for key, values in valid.items()}
-    for key, values in {"horizon": COMMON_OPTIONS["horizon"], **extra}.items():
-        if options[key] not in values:
-            allowed = ", ".join(map(str, values))
-            raise EnvConfigError(f"invalid value {options[key]!r} for option {key!r} of {game}; valid: {allowed}")
-    for key, low in (("n_rounds", 1), ("length_seed", 0)):
+    for key, values in valid.items():
+        low = _int_low(values)
         n = options[key]
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int | np.integer) or n < low):
-            raise EnvConfigError(f"invalid value {n!r} for option {key!r} of {game}; valid: an int >= {low}")
+        if low is not None:  # an integer option: (default, "int >= low")
+            if n is not None and (isinstance(n, bool) or not isinstance(n, int | np.integer) or n < low):
+                raise EnvConfigError(f"invalid value {n!r} for option {key!r} of {game}; valid: an int >= {low}")
+        elif n not in values:
+            allowed = ", ".join(map(str, values))
+            raise EnvConfigError(f"invalid value {n!r} for option {key!r} of {game}; valid: {allowed}")
     return options
+
+
+def _int_low(values: tuple[Any, ...]) -> int | None:
+    """The lower bound of an integer option declared as (default, "int >= N"); None otherwise."""
+    last = values[-1]
+    if isinstance(last, str) and last.startswith("int >= "):
+        return int(last.removeprefix("int >= "))
+    return None
 
 
 def draw_n_rounds(seed: int, horizon: str, n_rounds: int | None) -> int:

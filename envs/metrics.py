@@ -10,6 +10,9 @@ does not apply to a game (or has no data) is None.
 - efficiency (Split, TAS): mean over rounds of round welfare / the round's maximal welfare
   (Split: sum over items of 10 * max(v_A, v_B); TAS: 10 * max(v_A, v_B)).
 - welfare_per_round: mean over rounds of the sum of both seats' rewards.
+- fairness (Split, TAS; ours): mean over games of 1 - |R_A - R_B| / (R_A + R_B) with R a seat's
+  summed rewards: 1 when both seats score alike, 0 when one seat takes everything (a game where
+  both score 0 counts as fair).
 - invalid_rate: the seat's invalid outputs / its decisions.
 Trust-and-Split also gets mean_proposal (coins kept), honest_claim_rate (messages naming the
 seat's true hand or value, among messages that name one) and mean_message_chars.
@@ -85,6 +88,17 @@ def welfare_per_round(records: Sequence[GameRecord]) -> float | None:
     return _ratio(welfare, sum(len(r.rewards[0]) for r in records))
 
 
+def fairness(records: Sequence[GameRecord]) -> float | None:
+    """Mean over games of 1 - |R_A - R_B| / (R_A + R_B) (1 for a game where both score 0)."""
+    if not records:
+        return None
+    per_game = []
+    for r in records:
+        a, b = sum(r.rewards[0]), sum(r.rewards[1])
+        per_game.append(1.0 if a + b <= 0 else 1.0 - abs(a - b) / (a + b))
+    return sum(per_game) / len(per_game)
+
+
 def efficiency(records: Sequence[GameRecord]) -> float | None:
     """Mean over rounds of welfare / maximal welfare (records need info["max_welfare"] per round)."""
     shares = [
@@ -136,6 +150,8 @@ def summarize(game: str, records: Sequence[GameRecord]) -> dict[str, Any]:
         "welfare_per_round": welfare_per_round(records),
         "invalid_rate": invalid_rate(records),
     }
+    if not ipd:
+        out["fairness"] = fairness(records)
     if game == "trust_and_split" and records:
         out.update(tas_statistics(records))
     return out

@@ -9,7 +9,8 @@ the text was valid. What counts as valid (spec section 2; choices marked (ours) 
   at all -> all 0, invalid.
 - Trust-and-Split message: the last `<<message_start>>...<<message_end>>` pair with no message tag
   inside; the content is stripped and cut to 500 characters (counted, still valid). Without the
-  pair the message is invalid and the whole text, tags removed, is delivered instead (ours).
+  pair the message is invalid and the whole text, tags removed, is delivered instead (ours). The cap
+  is the game's `message_chars` option (default 500, the spec's; CPU configs use less).
 - Trust-and-Split proposal: the last `<<proposal_start>> x <<proposal_end>>` with x in 0..10
   (whitespace around x free); else invalid and played as 0 coins (ours).
 """
@@ -73,6 +74,11 @@ MESSAGE_CHARS = 500
 MESSAGE_START, MESSAGE_END = "<<message_start>>", "<<message_end>>"
 PROPOSAL_START, PROPOSAL_END = "<<proposal_start>>", "<<proposal_end>>"
 MESSAGE_REGEX = f"{MESSAGE_START}[^<>]{{0,{MESSAGE_CHARS}}}{MESSAGE_END}"
+
+
+def message_regex(chars: int = MESSAGE_CHARS) -> str:
+    """The guided format of a message of at most `chars` characters (MESSAGE_REGEX at the default)."""
+    return f"{MESSAGE_START}[^<>]{{0,{int(chars)}}}{MESSAGE_END}"
 PROPOSAL_REGEX = f"{PROPOSAL_START} (10|[0-9]) {PROPOSAL_END}"
 _MESSAGE = re.compile(rf"{MESSAGE_START}((?:(?!{MESSAGE_START}|{MESSAGE_END}).)*){MESSAGE_END}", re.DOTALL)
 _PROPOSAL = re.compile(rf"{PROPOSAL_START}\s*(10|[0-9])\s*{PROPOSAL_END}")
@@ -90,14 +96,14 @@ def format_proposal(coins: int) -> str:
     return f"{PROPOSAL_START} {coins} {PROPOSAL_END}"
 
 
-def parse_message(text: str) -> tuple[str, bool, bool]:
-    """-> (delivered content, valid, truncated)."""
+def parse_message(text: str, chars: int = MESSAGE_CHARS) -> tuple[str, bool, bool]:
+    """-> (delivered content, valid, truncated): content beyond `chars` characters is cut."""
     match = _last(_MESSAGE, text)
     valid = match is not None
     content = match.group(1) if match else _TAGS.sub("", text)
     content = content.strip()
-    truncated = len(content) > MESSAGE_CHARS
-    return (content[:MESSAGE_CHARS].strip() if truncated else content), valid, truncated
+    truncated = len(content) > chars
+    return (content[:chars].strip() if truncated else content), valid, truncated
 
 
 def parse_proposal(text: str) -> tuple[int, bool]:

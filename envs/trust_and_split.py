@@ -20,15 +20,20 @@ from envs.base import DISPLAY, TextGame
 from envs.parsing import (
     HANDS,
     MESSAGE_CHARS,
-    MESSAGE_REGEX,
     PROPOSAL_REGEX,
     claimed_hand,
     claimed_value,
+    message_regex,
     parse_message,
     parse_proposal,
 )
 
-MAX_TOKENS = {"message": 256, "proposal": 32}
+MAX_TOKENS = {"message": 256, "proposal": 32}  # at the default message cap of 500 characters
+
+
+def message_max_tokens(chars: int) -> int:
+    """Token budget of a message of at most `chars` characters, tags included (256 at 500)."""
+    return 24 + (232 * int(chars)) // MESSAGE_CHARS
 UPPER, LOWER = 10, 1  # per-coin values of the winning and the losing hand
 
 # -- prompts -------------------------------------------------------------------------------------
@@ -49,7 +54,7 @@ RULES = (
     "You are {me}, playing an iterated game with another agent, {other}.{horizon}\n"
     "Each round, 10 coins are split between you and {other}.\n"
     "{value_rules}\n"
-    "Each round, each agent sends one message of at most 500 characters before the split. One agent "
+    "Each round, each agent sends one message of at most {chars} characters before the split. One agent "
     "writes first and the other replies; the first writer alternates every round. Write your message "
     "as <<message_start>>your message<<message_end>>.\n"
     "After the messages, both agents propose at the same time how many coins they keep, as "
@@ -66,7 +71,7 @@ RECAP = {
 }
 OWN = {"rps": "Your hand this round is {hand}.", "uniform": "Your per-coin value this round is {value}."}
 SAID = "{other} said: {message}"
-ASK_MESSAGE = f"Send your message now as <<message_start>>...<<message_end>> (at most {MESSAGE_CHARS} characters)."
+ASK_MESSAGE = "Send your message now as <<message_start>>...<<message_end>> (at most {chars} characters)."
 ASK_PROPOSAL = "Submit your proposal as <<proposal_start>> x <<proposal_end>> where x is an integer from 0 to 10."
 
 
@@ -90,7 +95,8 @@ def draw_deals(rng: np.random.Generator, kind: str, n_rounds: int) -> list[tuple
 class TrustAndSplit(TextGame):
     metadata = {"name": "trust_and_split", "render_modes": []}
     game = "trust_and_split"
-    OPTIONS = {"values": ("rps", "uniform")}
+    # message_chars: the cap of a message (spec 500; a smaller cap makes CPU runs affordable)
+    OPTIONS = {"values": ("rps", "uniform"), "message_chars": (MESSAGE_CHARS, "int >= 1")}
     FACTS = ("starter", "hands", "values", "messages", "claims", "proposals", "max_welfare", "truncated")
 
     def _new_game(self, rng: np.random.Generator) -> None:
@@ -121,13 +127,13 @@ class TrustAndSplit(TextGame):
         return "proposal" if self._phase == 2 else "message"
 
     def _regex(self, seat: int) -> str:
-        return PROPOSAL_REGEX if self._phase == 2 else MESSAGE_REGEX
+        return PROPOSAL_REGEX if self._phase == 2 else message_regex(self.options["message_chars"])
 
     def _max_tokens(self, seat: int) -> int:
-        return MAX_TOKENS[self._kind(seat)]
+        return MAX_TOKENS["proposal"] if self._phase == 2 else message_max_tokens(self.options["message_chars"])
 
     def _valid(self, seat: int, text: str) -> bool:
-        return parse_proposal(text)[1] if self._phase == 2 else parse_message(text)[1]
+        return parse_proposal(text)[1] if self._phase == 2 else parse_message(text, self.options["message_chars"])[1]
 
     # -- prompts ---------------------------------------------------------------------------------
     def _rules(self, seat: int) -> str:
@@ -136,6 +142,7 @@ class TrustAndSplit(TextGame):
             other=DISPLAY[1 - seat],
             horizon=HORIZON_GEOMETRIC if self.options["horizon"] == "geometric" else "",
             value_rules=_VALUE_RULES[self.options["values"]],
+            chars=self.options["message_chars"],
         )
 
     def _turn(self, seat: int) -> str:
@@ -157,7 +164,7 @@ class TrustAndSplit(TextGame):
             parts.append(OWN[kind].format(hand=hands[seat] if hands else None, value=values[seat]))
         if self._messages[other] is not None and (self._phase == 1 or seat == starter):
             parts.append(SAID.format(other=DISPLAY[other], message=self._messages[other]))
-        parts.append(ASK_PROPOSAL if self._phase == 2 else ASK_MESSAGE)
+        parts.append(ASK_PROPOSAL if self._phase == 2 else ASK_MESSAGE.format(chars=self.options["message_chars"]))
         return "\n".join(parts)
 
     def _state(self, seat: int) -> dict[str, Any]:
@@ -182,7 +189,7 @@ class TrustAndSplit(TextGame):
     def _play(self, texts: dict[int, str]) -> tuple[tuple[str, str], tuple[float, float], dict] | None:
         if self._phase < 2:
             seat = self._starter if self._phase == 0 else 1 - self._starter
-            message, valid, truncated = parse_message(texts[seat])
+            message, valid, truncated = parse_message(texts[seat], self.options["message_chars"])
             self._count(seat, valid)
             self._messages[seat] = message
             claim = claimed_hand if self.options["values"] == "rps" else claimed_value

@@ -18,7 +18,8 @@ rows or guided decisions, never over tokens):
 4. Guided decisions (``guided`` is one bool per decision; a decision is a maximal run of generated
    tokens of one round) get per-token allowed-token masks from :class:`learner.constrain.Constrainer`,
    using the decision's regex from the ``decision_regex`` column (one string per decision, aligned
-   with ``guided``, "" when unguided).
+   with ``guided``, "" when unguided). With ``guided_logprob="full"`` (the authors' choice) no masks
+   are built: guided tokens are scored under the full vocabulary like free ones.
 5. Length bucketing: rows sorted by length (longest first) are cut into micro-batches of at most
    ``max_tokens`` padded tokens (rows x longest row), the cuts chosen to minimise padding plus a
    per-pass overhead (``plan_micro_batches``); micro-batches are dealt to ranks so that every
@@ -41,6 +42,7 @@ from actors.trajectories import SchemaError, concat, list_offsets, list_values, 
 from learner.constrain import UNCONSTRAINED, Constrainer
 from learner.credit import credits, group_baseline_advantages, pair_by_game, returns_to_go
 
+GUIDED_LOGPROB = ("constrained", "full")
 DECISION_REGEX = "decision_regex"  # list<string> per row: the regex of each decision, aligned with `guided`
 
 
@@ -354,8 +356,16 @@ def build_iteration(
     world_size: int = 1,
     constrainer: Constrainer | None = None,
     pad_id: int = 0,
+    guided_logprob: str = "constrained",
 ) -> IterationBatch:
-    """Arrow trajectory batches of one iteration -> this rank's micro-batches (see module doc)."""
+    """Arrow trajectory batches of one iteration -> this rank's micro-batches (see module doc).
+
+    `guided_logprob`: "constrained" scores guided tokens under the grammar-constrained distribution
+    (needs `constrainer`); "full" scores every token under the full vocabulary (no masks)."""
+    if guided_logprob not in GUIDED_LOGPROB:
+        raise BatchError(f"guided_logprob must be one of {GUIDED_LOGPROB}, got {guided_logprob!r}")
+    if guided_logprob == "full":
+        constrainer = None
     if isinstance(batches, pa.RecordBatch):
         batches = [batches]
     table = batches if isinstance(batches, pa.Table) else concat(list(batches))
@@ -374,7 +384,8 @@ def build_iteration(
     n_micro = max(len(s) for s in shares)
     mine = shares[rank]
     rows = np.concatenate(mine) if mine else np.zeros(0, dtype=np.int64)
-    mask_of = _constraint_masks(tok, rows, constrainer)
+    mask_of = (_constraint_masks(tok, rows, constrainer) if guided_logprob == "constrained"
+               else np.full(tok.ids.size, UNCONSTRAINED, dtype=np.int64))
     words = constrainer.words if constrainer is not None else 0
     micro = [_micro_batch(tok, g, mask_of, constrainer, pad_id) for g in mine]
     micro += [MicroBatch.dummy(pad_id, words) for _ in range(n_micro - len(mine))]

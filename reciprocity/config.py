@@ -65,11 +65,16 @@ class Rollout(Section):
     gpus_per_worker: float = Field(0.0, ge=0)
     games_per_iteration: int = Field(32, ge=2)
     seed_group_size: int = Field(1, ge=1)
-    baseline: Literal["batch", "seed_group"] = "batch"  # IPD: whole batch of a seat label is one group
+    # batch: the whole batch of a seat label is one group (IPD); seed_group: the games sharing a seed;
+    # none: every game its own group, i.e. no baseline (the ablation "AA without the group baseline")
+    baseline: Literal["batch", "seed_group", "none"] = "batch"
     concurrency: int = Field(64, ge=1)
     temperature: float = Field(1.0, gt=0)
     max_tokens: int = Field(0, ge=0)  # 0: the game's own hint per decision
     free_samples: int = Field(0, ge=0)  # 0: always guided (right for SmolLM2)
+    # what makes a free sample valid: lenient (the game's parser finds an action) or full (the whole
+    # answer matches the decision's format, as in the authors' code)
+    free_sample_match: Literal["lenient", "full"] = "lenient"
     max_loras: int = Field(4, ge=1)
     kv_cache_gib: float = Field(2.0, gt=0)
     probe_tolerance: float = Field(0.1, gt=0)
@@ -96,6 +101,9 @@ class Learner(Section):
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto/bf16: bf16 where the device computes it natively
     lr: float = Field(1e-4, gt=0)
     micro_batch_tokens: int = Field(8192, ge=64)
+    # log-prob of a guided token: under the grammar-constrained distribution the engine sampled from
+    # (constrained) or under the full vocabulary (full, as in the authors' code); learner.md
+    guided_logprob: Literal["constrained", "full"] = "constrained"
     grad_clip: float = Field(1.0, gt=0)
 
 
@@ -221,6 +229,20 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     None, None, f"duplicate key {key!r}", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+def parse_options(items: list[str]) -> dict[str, Any]:
+    """Game options of the command line: `["wording=overt", "n_rounds=5"]` -> {"wording": "overt",
+    "n_rounds": 5} (ints as ints); EnvConfigError for an item that is not KEY=VALUE."""
+    from envs import EnvConfigError
+
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise EnvConfigError(f"bad option {item!r}; expected KEY=VALUE")
+        options[key] = int(value) if value.lstrip("-").isdigit() else value
+    return options
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
