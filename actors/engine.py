@@ -53,3 +53,17 @@ class Engine(Protocol):
     async def unload_adapter(self, key: str) -> None:
         """Retire a version once its in-flight requests are done."""
         ...
+
+
+class NoEngine:
+    """The engine of a worker whose seats are all scripted or API (config `engine: None`): an LLM
+    seat on it is a bug and raises."""
+
+    async def generate(self, prompt_token_ids: list[int], sampling: Sampling, adapter: str | None) -> Generation:
+        raise RuntimeError("this worker has no LLM engine (no base/adapter/run seat was given)")
+
+    async def load_adapter(self, version: AdapterVersion) -> str:
+        raise RuntimeError("this worker has no LLM engine: it cannot load adapters")
+
+    async def unload_adapter(self, key: str) -> None:
+        return None

@@ -18,7 +18,7 @@ take a seat (scripted strategies, API models, the base model), and an Elo rating
 - Checkpoints: `state_dict()` is JSON-serialisable (metadata, sha256 sums, ratings); the adapter
   bytes are `adapters()` (saved by the caller) and are checked against the sums on load.
 
-`OpponentPool` is plain Python; `OpponentPoolActor` is its Ray actor.
+`OpponentPool` is plain Python; the driver makes it a Ray actor (reciprocity/launcher.py).
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import ray
 
 from actors.adapters import AdapterError, AdapterVersion
 from actors.worker import PlayerSpec
@@ -120,11 +119,6 @@ class OpponentPool:
 
     def add_api(self, name: str, in_buffer: bool = False) -> PoolEntry:
         e = self._entry(name, "api", name)
-        e.in_buffer = in_buffer
-        return e
-
-    def add_base(self, name: str = "base", in_buffer: bool = False) -> PoolEntry:
-        e = self._entry(name, "base", name)
         e.in_buffer = in_buffer
         return e
 
@@ -316,5 +310,3 @@ class OpponentPool:
 def state_entry_kind(state: dict[str, Any], key: str) -> str | None:
     return next((e["kind"] for e in state["entries"] if e["key"] == key), None)
 
-
-OpponentPoolActor = ray.remote(OpponentPool)

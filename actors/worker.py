@@ -1,7 +1,8 @@
 """The rollout worker: one inference engine, its resident adapters, many concurrent matches.
 
-`RolloutWorker` is a plain class (usable and testable without Ray); `RolloutWorkerActor` is its
-Ray actor (the driver applies resources and fault-tolerance options). A match is described by a
+`RolloutWorker` is a plain class (usable and testable without Ray, which it imports only when it
+meets an object ref); the driver makes it a Ray actor (reciprocity/launcher.py: resources and
+fault-tolerance options). A match is described by a
 serialisable `MatchSpec` (no engine objects), whose seats are `PlayerSpec`s: an LLM seat bound to
 an explicit adapter key (None = the base model), a scripted strategy, or an API endpoint named in
 the worker's config. Matches run concurrently on the one engine (asyncio; the engine batches their
@@ -9,8 +10,9 @@ requests); the worker returns one validated Arrow record batch per group of matc
 
 Constructor config (a plain dict):
 - `model`: path of the served base model (its tokenizer and chat template are used for chats);
-- `engine`: keyword arguments of the engine (`VLLMEngine(model=..., **engine)`);
-- `engine_factory`: optional "module:callable" taking the config and returning an Engine (tests);
+- `engine`: keyword arguments of the engine (`VLLMEngine(model=..., **engine)`), or None: no LLM
+  engine (`actors.engine.NoEngine`: every seat is scripted or API);
+- `engine_factory`: optional "module:callable" taking the config and returning an Engine (a test seam);
 - `adapters`: AdapterVersions (or object refs of them) to load at start;
 - `adapter_source`: optional object or Ray actor handle with `versions()` returning the
   AdapterVersions to hold now (the OpponentPool): a restarted worker reloads them, so a restart
@@ -26,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import sys
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
@@ -33,13 +36,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
-import ray
 
 import envs
 from actors.adapters import AdapterVersion
 from actors.api_engine import APIEngine
 from actors.chat import ChatTemplate, check_template
-from actors.engine import Engine, UnknownAdapterError
+from actors.engine import Engine, NoEngine, UnknownAdapterError
 from actors.match import SeatSpec, TextEngine, play_match
 from actors.scripted_engine import ScriptedEngine
 from actors.trajectories import SeatTrajectory, to_batch
@@ -98,6 +100,8 @@ def _import(path: str) -> Any:
 
 
 def default_engine(config: dict[str, Any]) -> Engine:
+    if "engine" in config and config["engine"] is None:
+        return NoEngine()
     from actors.vllm_engine import VLLMEngine
 
     return VLLMEngine(model=str(config["model"]), **config.get("engine", {}))
@@ -268,6 +272,8 @@ class RolloutWorker:
         batches = [b async for b in self._groups(specs, concurrency)]
         if not refs:
             return batches
+        import ray
+
         if not ray.is_initialized():  # ray.put would silently start a local cluster
             raise RuntimeError("run(refs=True) needs Ray (call it on the actor, or pass refs=False)")
         return [ray.put(b) for b in batches]
@@ -305,6 +311,10 @@ class RolloutWorker:
 
 async def _resolve(value: Any) -> Any:
     """An object ref (nested in a config or list, hence not resolved by Ray) -> its value."""
+    if "ray" not in sys.modules:  # no Ray in this process: no object ref either
+        return value
+    import ray
+
     return await value if isinstance(value, ray.ObjectRef) else value
 
 
@@ -315,6 +325,3 @@ async def _call(target: Any, method: str) -> Any:
         return await fn.remote()
     out = fn()
     return await out if asyncio.iscoroutine(out) else out
-
-
-RolloutWorkerActor = ray.remote(RolloutWorker)  # the driver applies .options(...) (resources, restarts)

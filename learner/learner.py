@@ -36,7 +36,7 @@ import socket
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -455,9 +455,6 @@ class Learner:
             raise FileNotFoundError(f"no learner checkpoint at {path}")
         self.version = int(client["version"])
         return self.version
-
-    def config_dict(self) -> dict[str, Any]:
-        return asdict(self.config)
 
 
 def cpu_has_fast_bf16() -> bool:

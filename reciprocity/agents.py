@@ -1,4 +1,6 @@
-"""Agent specs: one string names who takes a seat in `reciprocity evaluate` and `reciprocity play`.
+"""Agent specs: one string names who takes a seat, in `reciprocity evaluate`, `reciprocity play`,
+a training run's `opponent` and its periodic evaluation (`evaluation.opponents`). This is the one
+parser of that grammar.
 
 Accepted forms (FORMS):
 - `scripted:NAME` (or a bare NAME): a strategy of `envs.scripted` (e.g. `tit_for_tat`);
@@ -9,13 +11,16 @@ Accepted forms (FORMS):
 - `api:BASE_URL#MODEL`: a model behind an OpenAI-compatible endpoint; the key is read from the
   environment variable RECIPROCITY_API_KEY, else OPENAI_API_KEY (neither set: no key). Only the
   variable's *name* is kept: the key never enters a spec, a repr or an error;
-- `human`: a person at the web app (`reciprocity serve`); evaluate and play refuse it.
+- `human`: a person at the web app (`reciprocity serve`); evaluate and play refuse it;
+- `self`: the adapter a training run is training (its periodic evaluation); evaluate and play refuse it.
 
 Any form may carry a label for tables and plots: `LABEL=SPEC` (e.g. `aa=run:3f2c...`), LABEL made of
 letters, digits, `_`, `.` and `-`, starting with a letter.
 
 `parse_agent` turns a spec into an `Agent`: the worker's `PlayerSpec`, plus the `AdapterVersion` to
-load on the worker or the `APIConfig` to register in the worker's `api` config.
+load on the worker or the `APIConfig` to register in the worker's `api` config; `resolve` parses the
+agents of a command (run: specs in the config's MLflow store) and refuses the seats it cannot fill.
+Importing this module pulls in neither torch, Ray nor vLLM (`reciprocity play` of two strategies).
 """
 
 from __future__ import annotations
@@ -23,17 +28,22 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from actors.adapters import AdapterError, AdapterVersion
 from actors.api_engine import APIConfig
 from actors.worker import PlayerSpec
-from envs import EnvConfigError
+from envs import EnvConfigError, check_game
 from envs import scripted as scripted_
 
+if TYPE_CHECKING:
+    from reciprocity.config import Config
+
 FORMS = ("scripted:NAME", "adapter:PATH", "run:RUN_ID[@VERSION]", "base", "api:BASE_URL#MODEL", "human",
-         "LABEL=any of these")
+         "self", "LABEL=any of these")
 LABEL = re.compile(r"([A-Za-z][A-Za-z0-9_.-]{0,39})=(.+)")
 API_KEY_ENVS = ("RECIPROCITY_API_KEY", "OPENAI_API_KEY")
 RUN_ARTIFACTS = "adapters"  # a training run logs version N under adapters/vN/
@@ -54,8 +64,8 @@ class Agent:
 
     spec: str
     name: str
-    kind: str  # scripted | adapter | run | base | api | human
-    player: PlayerSpec | None  # None for a human seat
+    kind: str  # scripted | adapter | run | base | api | human | self
+    player: PlayerSpec | None  # None for a human seat and for self (the trained adapter, bound by the driver)
     adapter: AdapterVersion | None = field(default=None, repr=False)  # load on the worker first
     api: APIConfig | None = None  # register in the worker config as api[player.policy]
 
@@ -75,8 +85,8 @@ def parse_agent(spec: str, game: str | None = None, tracking_uri: str | None = N
     if not sep:
         if spec == "base":
             return Agent(spec, "base", "base", PlayerSpec("llm", "base", -1, adapter=None))
-        if spec == "human":
-            return Agent(spec, "human", "human", None)
+        if spec in ("human", "self"):
+            return Agent(spec, spec, spec, None)
         return scripted_agent(spec, spec, game)
     if not rest:
         raise AgentSpecError(f"agent {spec!r}: nothing after {kind + ':'!r}; {_forms()}")
@@ -91,13 +101,18 @@ def parse_agent(spec: str, game: str | None = None, tracking_uri: str | None = N
     raise AgentSpecError(f"unknown agent {spec!r}; {_forms()}")
 
 
+def spec_kind(spec: str) -> str:
+    """The form of a spec (scripted, adapter, run, base, api, human, self; else the unknown prefix),
+    read without resolving it (no file, MLflow or strategy look-up)."""
+    kind, sep, _ = unlabelled(spec).partition(":")
+    if not sep:
+        return kind if kind in ("base", "human", "self") else "scripted"
+    return kind
+
+
 def unlabelled(spec: str) -> str:
     """The spec without its `LABEL=` prefix (if any)."""
     return labelled.group(2) if (labelled := LABEL.fullmatch(spec)) else spec
-
-
-def parse_agents(specs: list[str], game: str | None = None, tracking_uri: str | None = None) -> list[Agent]:
-    return [parse_agent(s, game, tracking_uri) for s in specs]
 
 
 def scripted_agent(spec: str, name: str, game: str | None) -> Agent:
@@ -185,9 +200,28 @@ def api_agent(spec: str, target: str) -> Agent:
 
 
 def refuse_human(agents: list[Agent], command: str) -> None:
-    """Evaluate and play need agents that play unattended: a human seat is the web app's."""
+    """Evaluate and play need agents that play unattended: a human seat is the web app's, and `self`
+    (the adapter being trained) exists only inside a training run."""
     if any(a.kind == "human" for a in agents):
         raise AgentSpecError(
             f"agent 'human' takes a seat in the web app, not in `reciprocity {command}`: "
             "start it with `reciprocity serve` and play there"
         )
+    if any(a.kind == "self" for a in agents):
+        raise AgentSpecError(
+            f"agent 'self' is the adapter a training run trains (evaluation.opponents), not an agent of "
+            f"`reciprocity {command}`: name the adapter (adapter:PATH or run:RUN_ID[@VERSION])"
+        )
+
+
+def resolve(game: str, agents: Sequence[str | Agent], cfg: Config, command: str = "evaluate") -> list[Agent]:
+    """Specs -> Agents (run: specs resolved in the config's MLflow store); refuses human and self seats."""
+    check_game(game)
+    uri = None
+    if any(isinstance(a, str) and unlabelled(a).startswith("run:") for a in agents):
+        from reciprocity.tracking import tracking_uri
+
+        uri = tracking_uri(cfg)
+    out = [a if isinstance(a, Agent) else parse_agent(a, game, uri) for a in agents]
+    refuse_human(out, command)
+    return out

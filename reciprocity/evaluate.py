@@ -38,7 +38,7 @@ from actors.vllm_engine import ALLOWED_LORA_RANKS
 from actors.worker import MatchSpec, RolloutWorker, SamplingSpec
 from envs.loop import play_scripted
 from envs.metrics import summarize
-from reciprocity.agents import Agent, parse_agent, refuse_human, unlabelled
+from reciprocity.agents import Agent, parse_agent, resolve
 from reciprocity.config import Config
 from reciprocity.metrics import game_records, iteration_metrics
 
@@ -48,22 +48,6 @@ EXPLOITER = {"ipd": "always_defect", "split_nocomm": "greedy", "trust_and_split"
 ROLLOUT_KEYS = ("generated_tokens", "resample_rate", "guided_rate")
 
 Pair = tuple[int, int]
-
-
-class NoEngine:
-    """The engine of a worker whose seats are all scripted or API: an LLM seat is a bug."""
-
-    def __init__(self, config: dict[str, Any]) -> None:
-        self.config = config
-
-    async def generate(self, *args: Any, **kwargs: Any) -> Any:
-        raise RuntimeError("this evaluation worker has no LLM engine (no base/adapter/run seat was given)")
-
-    async def load_adapter(self, version: Any) -> str:
-        raise RuntimeError("this evaluation worker has no LLM engine: it cannot load adapters")
-
-    async def unload_adapter(self, key: str) -> None:
-        return None
 
 
 @contextlib.contextmanager
@@ -79,17 +63,6 @@ def stdout_to_stderr() -> Iterator[None]:
         sys.stdout.flush()
         os.dup2(saved, 1)
         os.close(saved)
-
-
-def resolve(game: str, agents: Sequence[str | Agent], cfg: Config, command: str = "evaluate") -> list[Agent]:
-    """Specs -> Agents (run: specs resolved in the config's MLflow store); refuses human seats."""
-    from reciprocity.tracking import tracking_uri
-
-    envs.check_game(game)
-    uri = tracking_uri(cfg) if any(isinstance(a, str) and unlabelled(a).startswith("run:") for a in agents) else None
-    out = [a if isinstance(a, Agent) else parse_agent(a, game, uri) for a in agents]
-    refuse_human(out, command)
-    return out
 
 
 def with_exploiter(game: str, agents: list[Agent]) -> list[Agent]:
@@ -129,7 +102,7 @@ def worker_config(cfg: Config, agents: Sequence[Agent]) -> dict[str, Any]:
         "concurrency": cfg.rollout.concurrency,
     }
     if not any(a.needs_engine for a in agents):
-        config["engine_factory"] = f"{__name__}:NoEngine"
+        config["engine"] = None  # actors.engine.NoEngine
     return config
 
 
@@ -319,7 +292,7 @@ def evaluate(game: str, agents: Sequence[str | Agent], games: int = 256, **kwarg
 
 async def play_agents(
     game: str,
-    specs: tuple[str, str],
+    specs: tuple[str | Agent, str | Agent],
     games: int,
     *,
     cfg: Config | None = None,
@@ -352,8 +325,7 @@ def main(
 
     from reciprocity import evaluation_report as report
     from reciprocity.agents import AgentSpecError
-    from reciprocity.config import ConfigError, load_config
-    from reciprocity.play import parse_options
+    from reciprocity.config import ConfigError, load_config, parse_options
 
     try:
         cfg = load_config(config) if config else Config()

@@ -2,9 +2,9 @@
 return per game and per round, cooperation figures (IPD), efficiency (Split, TAS) and welfare, as a
 table or as one JSON object (format in sysdesign/games.md).
 
-Agents are any spec of reciprocity/agents.py. Two scripted strategies (`NAME` or `scripted:NAME`)
-take the fast path (envs.loop, no torch, Ray or vLLM import); any other seat is played by a rollout
-worker through reciprocity/evaluate.py (`play_agents`), with the model and sampling of `--config`.
+Agents are any spec of reciprocity/agents.py (parsed there). Two scripted strategies take the fast
+path (envs.loop, no torch, Ray or vLLM import); any other seat is played by a rollout worker through
+reciprocity/evaluate.py (`play_agents`), with the model and sampling of `--config`.
 """
 
 from __future__ import annotations
@@ -14,42 +14,24 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from envs import EnvConfigError, check_game
-from envs import scripted as scripted_
+from envs import EnvConfigError
 from envs.loop import play_scripted
 from envs.metrics import summarize
-from reciprocity.config import Config, ConfigError, load_config
+from reciprocity.config import Config, ConfigError, load_config, parse_options
 
 EXIT_USAGE = 2
-
-
-def parse_options(items: list[str]) -> dict[str, Any]:
-    """`["wording=overt", "n_rounds=5"]` -> {"wording": "overt", "n_rounds": 5} (ints as ints)."""
-    options: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise EnvConfigError(f"bad option {item!r}; expected KEY=VALUE")
-        options[key] = int(value) if value.lstrip("-").isdigit() else value
-    return options
-
-
-def scripted_name(spec: str) -> str | None:
-    """The strategy of a scripted spec (`NAME` or `scripted:NAME`); None for any other agent form."""
-    name = spec.removeprefix("scripted:")
-    return None if ":" in name or name in ("base", "human") else name
 
 
 def run(
     game: str, agents: tuple[str, str], games: int, seed: int, options: dict[str, Any], cfg: Config | None = None
 ) -> dict[str, Any]:
     """The JSON object of `reciprocity play --json`: one entry per seat order."""
-    check_game(game)
-    first, second = scripted_name(agents[0]), scripted_name(agents[1])
+    from reciprocity.agents import resolve
+
+    seats = resolve(game, agents, cfg or Config(), command="play")
     orders = [tuple(agents), (agents[1], agents[0])]
-    if first is not None and second is not None:
-        for name in (first, second):
-            scripted_.make(game, name)
+    if all(a.kind == "scripted" and a.player is not None for a in seats):
+        first, second = (a.player.policy for a in seats)  # type: ignore[union-attr]
         figures = [summarize(game, play_scripted(game, pair, games, seed, **options))
                    for pair in ((first, second), (second, first))]
     else:
@@ -58,7 +40,7 @@ def run(
         from reciprocity.evaluate import play_agents, stdout_to_stderr
 
         with stdout_to_stderr():  # vLLM's logs must not mix with the JSON on stdout
-            figures = asyncio.run(play_agents(game, agents, games, cfg=cfg, seed=seed, options=options))
+            figures = asyncio.run(play_agents(game, seats, games, cfg=cfg, seed=seed, options=options))
     result: dict[str, Any] = {"game": game, "games": games, "seed": seed}
     if options:
         result["options"] = options
@@ -117,10 +99,9 @@ def main(
         cfg = load_config(config) if config else None
         result = run(game, agents, games, seed, parse_options(options), cfg)
     except (EnvConfigError, ConfigError, ValueError) as e:
-        agents_module = sys.modules.get("reciprocity.agents")  # imported only for a non-scripted seat
-        if not isinstance(e, EnvConfigError | ConfigError) and not (
-            agents_module is not None and isinstance(e, agents_module.AgentSpecError)
-        ):
+        from reciprocity.agents import AgentSpecError
+
+        if not isinstance(e, EnvConfigError | ConfigError | AgentSpecError):
             raise
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE

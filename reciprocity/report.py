@@ -9,7 +9,6 @@ has no tokens: its parsed actions are shown instead.
 from __future__ import annotations
 
 import html
-import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -165,9 +164,3 @@ def transcripts_html(table: pa.Table, decode: Callable[[Sequence[int]], str], ti
                 chat = _chat_html(s["token_ids"], s["token_round"], decode)
                 body.append(f"<h3>{_e(who)}'s chat</h3><pre>{chat}</pre>")
     return PAGE.format(title=_e(title), body="\n".join(body))
-
-
-def write_json(obj: Any, out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(obj, indent=1, default=float))
-    return out

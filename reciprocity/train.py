@@ -51,7 +51,6 @@ from actors.adapters import AdapterVersion
 from actors.chat import ChatTemplate
 from actors.pool import OpponentPool
 from actors.worker import MatchSpec, PlayerSpec, RolloutWorker, SamplingSpec
-from envs import scripted
 from envs.metrics import GameRecord, summarize
 from learner.learner import Learner
 from reciprocity import checkpoint, launcher
@@ -212,25 +211,24 @@ def _learner_metrics(metrics: dict[str, Any], seconds: float) -> dict[str, Any]:
 
 # -- periodic evaluation -------------------------------------------------------------------------
 def eval_player(game: str, spec: str) -> PlayerSpec | None:
-    """An evaluation opponent: `scripted:NAME`, `base` (the model without adapter) or `self` (the
-    current adapter; returned as None). Other agent forms belong to `reciprocity evaluate`."""
-    if spec == "self":
-        return None
-    if spec == "base":
-        return PlayerSpec("llm", "base", -1, adapter=None)
-    kind, _, name = spec.partition(":")
-    if kind == "scripted" and name:
-        try:
-            scripted.make(game, name)
-        except envs.EnvConfigError as e:
-            raise ConfigError(f"evaluation.opponents: {e}") from None
-        return PlayerSpec("scripted", name)
-    raise ConfigError(f"evaluation.opponents: {spec!r} is not an opponent for evaluation during training; "
-                      f"use scripted:NAME, base or self (other agents: `reciprocity evaluate`)")
+    """An evaluation opponent (reciprocity/agents.py): `scripted:NAME`, `base` (the model without
+    adapter) or `self` (the current adapter; returned as None). Other forms belong to `reciprocity evaluate`."""
+    from reciprocity.agents import AgentSpecError, parse_agent, spec_kind
+
+    if spec_kind(spec) not in ("scripted", "base", "self"):
+        raise ConfigError(f"evaluation.opponents: {spec!r} is not an opponent for evaluation during training; "
+                          f"use scripted:NAME, base or self (other agents: `reciprocity evaluate`)")
+    try:
+        return parse_agent(spec, game).player
+    except AgentSpecError as e:
+        raise ConfigError(f"evaluation.opponents: {e}") from None
 
 
 def _label(spec: str) -> str:
-    return spec.removeprefix("scripted:")
+    """The opponent's name in `eval/<name>/<figure>` (a strategy's name, base, self or the spec's label)."""
+    from reciprocity.agents import parse_agent
+
+    return parse_agent(spec).name
 
 
 def plan_eval_specs(cfg: Config, run_id: str, iteration: int, me: PlayerSpec) -> list[MatchSpec]:
@@ -477,11 +475,6 @@ class Trainer:
                 if time.monotonic() > deadline or isinstance(e, ray.exceptions.ActorDiedError):
                     raise TrainError(f"rollout worker {i} did not come back: {e}") from None
                 time.sleep(1.0)
-
-    def rollout(self, it: int) -> tuple[list[ray.ObjectRef], dict[str, Any]]:
-        """Synchronous rollout of iteration `it` on the current version."""
-        self._sync_adapters()
-        return self._finish_rollout(self._start_rollout(plan_specs(self.cfg, self.tracker.run_id, it, self.pool)))
 
     def learn(self, refs: list[ray.ObjectRef]) -> dict[str, Any]:
         t0 = time.perf_counter()

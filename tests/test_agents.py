@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from reciprocity.agents import FORMS, AgentSpecError, parse_agent, refuse_human
+from reciprocity.agents import FORMS, AgentSpecError, parse_agent, refuse_human, spec_kind
 
 SECRET = "sk-test-abcdefghijklmnop1234"
 
@@ -44,6 +44,23 @@ def test_base_and_human() -> None:
     with pytest.raises(AgentSpecError, match="reciprocity serve"):
         refuse_human([base, human], "evaluate")
     refuse_human([base], "evaluate")  # no human: nothing to refuse
+
+
+def test_self_is_the_trained_adapter_only_in_training() -> None:
+    me = parse_agent("self", "ipd")
+    assert (me.kind, me.name, me.player, me.needs_engine) == ("self", "self", None, False)
+    assert parse_agent("mine=self").name == "mine"
+    with pytest.raises(AgentSpecError, match="agent 'self' is the adapter a training run trains"):
+        refuse_human([parse_agent("base"), me], "play")
+
+
+@pytest.mark.parametrize(("spec", "kind"), [
+    ("tit_for_tat", "scripted"), ("scripted:greedy", "scripted"), ("x=scripted:greedy", "scripted"),
+    ("base", "base"), ("self", "self"), ("human", "human"), ("adapter:/no/such/dir", "adapter"),
+    ("run:abc@3", "run"), ("api:http://h/v1#m", "api"), ("foo:bar", "foo"),
+])
+def test_spec_kind_reads_the_form_without_resolving(spec: str, kind: str) -> None:
+    assert spec_kind(spec) == kind  # no file, MLflow store or strategy table is consulted
 
 
 def test_adapter_dir(tmp_path: Path) -> None:

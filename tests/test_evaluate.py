@@ -141,8 +141,8 @@ def test_play_routes_other_agents_through_evaluate(monkeypatch: pytest.MonkeyPat
     assert refused.exit_code == 2 and "reciprocity serve" in refused.stderr
     calls: list[tuple[Any, ...]] = []
 
-    async def fake(game: str, specs: tuple[str, str], games: int, **kw: Any) -> list[dict[str, Any]]:
-        calls.append((game, tuple(specs), games, kw["seed"]))
+    async def fake(game: str, agents: tuple[Any, Any], games: int, **kw: Any) -> list[dict[str, Any]]:
+        calls.append((game, tuple(a.spec for a in agents), games, kw["seed"]))  # parsed by reciprocity.agents
         return [{"return_per_game": [1.0, 2.0]}, {"return_per_game": [2.0, 1.0]}]
 
     monkeypatch.setattr(ev, "play_agents", fake)
@@ -196,7 +196,7 @@ def test_api_seat_without_llm_engine(
     cfg = config(tmp_path)
     cfg.model.path = str(model_dir)  # the tokenizer of the (unused) chat template
     agents = [f"api:{always_a_endpoint}#nice-model", "tit_for_tat"]
-    assert ev.worker_config(cfg, ev.resolve("ipd", agents, cfg))["engine_factory"].endswith(":NoEngine")
+    assert ev.worker_config(cfg, ev.resolve("ipd", agents, cfg))["engine"] is None  # actors.engine.NoEngine
     result = ev.evaluate("ipd", agents, 2, cfg=cfg, track=False)
     assert [a["name"] for a in result["agents"]] == ["nice-model", "tit_for_tat", "always_defect"]
     assert result["return_matrix"][0] == [3.0, 3.0, 0.0]  # the API model cooperates whatever happens

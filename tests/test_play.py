@@ -96,6 +96,8 @@ def test_table_output() -> None:
         (["--env", "split_nocomm", "--agents", "greedy", "tit_for_tat"], "valid: greedy"),
         (["--env", "ipd", "--agents", "tit_for_tat", "tit_for_tat", "-o", "colour=red"], "valid options"),
         (["--env", "ipd", "--agents", "tit_for_tat", "tit_for_tat", "-o", "colour"], "KEY=VALUE"),
+        (["--env", "ipd", "--agents", "tit_for_tat", "self"], "agent 'self' is the adapter a training run trains"),
+        (["--env", "ipd", "--agents", "human", "tit_for_tat"], "agent 'human' takes a seat in the web app"),
     ],
 )
 def test_errors_exit_2_with_one_line(args: list[str], message: str) -> None:
@@ -105,9 +107,12 @@ def test_errors_exit_2_with_one_line(args: list[str], message: str) -> None:
 
 
 def test_play_pulls_in_no_heavy_stack() -> None:
-    """envs is pure Python: `reciprocity play` imports neither torch, ray nor vllm."""
+    """envs is pure Python: `reciprocity play` of two strategies (agent specs parsed by
+    reciprocity.agents) imports neither torch, ray nor vllm."""
     code = (
         "import sys, reciprocity.cli, reciprocity.play, envs.scripted, envs.metrics, envs.loop\n"
+        "result = reciprocity.play.run('ipd', ('tit_for_tat', 'nice=scripted:always_defect'), 2, 0, {})\n"
+        "assert result['pairs'][0]['agents'] == ['tit_for_tat', 'nice=scripted:always_defect'], result\n"
         "bad = {'torch', 'ray', 'vllm'} & set(sys.modules)\n"
         "assert not bad, bad"
     )

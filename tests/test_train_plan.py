@@ -42,6 +42,11 @@ def test_eval_opponents_and_plan() -> None:
         eval_player("ipd", "scripted:greedy")
     with pytest.raises(ConfigError, match="reciprocity evaluate"):
         eval_player("ipd", "adapter:/some/where")
+    # the one agent-spec parser (reciprocity/agents.py): its bare and labelled forms too
+    assert eval_player("ipd", "tit_for_tat") == PlayerSpec("scripted", "tit_for_tat")
+    assert eval_player("ipd", "nice=scripted:tit_for_tat") == PlayerSpec("scripted", "tit_for_tat")
+    with pytest.raises(ConfigError, match="reciprocity evaluate"):
+        eval_player("ipd", "human")
 
     cfg = Config.model_validate({"evaluation": {"every": 1, "games": 4,
                                                 "opponents": ["scripted:always_defect", "self"]}})

@@ -114,7 +114,6 @@ def make_lora(model_dir: Path, out: Path, name: str, version: int, seed: int) ->
 def test_ray_worker_plays_8_ipd_games_between_two_adapters(tiny_model_dir: Path, tmp_path: Path) -> None:
     import ray
 
-    from actors.worker import RolloutWorkerActor
 
     v_a = make_lora(tiny_model_dir, tmp_path / "a", "alpha", 3, seed=1)
     v_b = make_lora(tiny_model_dir, tmp_path / "b", "beta", 5, seed=2)
@@ -125,7 +124,7 @@ def test_ray_worker_plays_8_ipd_games_between_two_adapters(tiny_model_dir: Path,
             "engine": {"max_loras": 2, "max_lora_rank": 8, "max_model_len": 2048},
             "adapters": [v_a],
         }
-        actor = RolloutWorkerActor.options(num_cpus=1).remote(config)
+        actor = ray.remote(RolloutWorker).options(num_cpus=1).remote(config)
         assert ray.get(actor.load_adapter.remote(v_b), timeout=300) == "beta@v5"
         a = PlayerSpec("llm", "alpha", 3, adapter=v_a.key, trainable=True)
         b = PlayerSpec("llm", "beta", 5, adapter=v_b.key, trainable=False)
