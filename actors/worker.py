@@ -80,6 +80,7 @@ class SamplingSpec:
     max_tokens: int | None = None
     free_samples: int = 0
 
+    free_sample_match: str = "lenient"
 
 @dataclass(frozen=True)
 class MatchSpec:
@@ -194,6 +195,7 @@ class RolloutWorker:
             free_samples=sampling.free_samples,
         )
 
+            free_sample_match=sampling.free_sample_match,
     def _text_engine(self, player: PlayerSpec) -> TextEngine:
         key = (player.kind, player.policy)
         if key not in self._text_engines:

@@ -82,6 +82,7 @@ class LearnerConfig:
     micro_batch_tokens: int = 4096  # padded tokens (rows x longest row) per forward/backward
     micro_batch_overhead_tokens: int = 256  # price of one more pass, in tokens (padding vs passes)
     gradient_checkpointing: bool = False
+    guided_logprob: str = "constrained"  # constrained | full: see learner.batch.build_iteration
     credit_method: str = "aa"
     discount: float = 0.9
     reward_normaliser: float = 1.0
@@ -125,7 +126,8 @@ _SECTIONS: dict[str, dict[str, str | None]] = {
                "reward_normaliser": "reward_normaliser", "entropy_coef": "entropy_coef", "kl_coef": "kl_coef"},
     "learner": {"zero_stage": "zero_stage", "dtype": "dtype", "lr": "lr", "micro_batch_tokens": "micro_batch_tokens",
                 "grad_clip": "grad_clip", "ranks": None, "cpus_per_rank": None, "gpus_per_rank": None,
-                "num_threads": "num_threads", "gradient_checkpointing": "gradient_checkpointing"},
+                "num_threads": "num_threads", "gradient_checkpointing": "gradient_checkpointing",
+                "guided_logprob": "guided_logprob"},
 }
 
 
@@ -328,6 +330,7 @@ class Learner:
             constrainer=self.constrainer,
             pad_id=self.pad_id,
         )
+            guided_logprob=cfg.guided_logprob,
         t1 = time.perf_counter()
         metrics: dict[str, float] = {"version": float(self.version)}
         if it.n_tok == 0:

@@ -120,7 +120,8 @@ async def _call(worker: Any, method: str, *args: Any) -> Any:
 
 def sampling_of(cfg: Config) -> SamplingSpec:
     r = cfg.rollout
-    return SamplingSpec(temperature=r.temperature, max_tokens=r.max_tokens or None, free_samples=r.free_samples)
+    return SamplingSpec(temperature=r.temperature, max_tokens=r.max_tokens or None, free_samples=r.free_samples,
+                        free_sample_match=r.free_sample_match)
 
 
 def pair_summary(game: str, table: pa.Table) -> dict[str, Any]:

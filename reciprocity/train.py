@@ -50,10 +50,11 @@ from actors import trajectories
 from actors.adapters import AdapterVersion
 from actors.chat import ChatTemplate
 from actors.pool import OpponentPool
-from actors.worker import MatchSpec, PlayerSpec, RolloutWorker, SamplingSpec
+from actors.worker import MatchSpec, PlayerSpec, RolloutWorker
 from envs.metrics import GameRecord, summarize
 from learner.learner import Learner
 from reciprocity import checkpoint, launcher
+from reciprocity.evaluate import sampling_of
 from reciprocity.config import Config, ConfigError
 from reciprocity.metrics import iteration_metrics
 from reciprocity.models import model_sha
@@ -151,13 +152,12 @@ def plan_specs(cfg: Config, run_id: str, iteration: int, pool: Any) -> list[Matc
     n, size = cfg.rollout.games_per_iteration, cfg.rollout.seed_group_size
     seed_groups = [g // size for g in range(n)]
     pairings = ray.get(pool.pairings.remote(iteration, seed_groups))
-    sampling = SamplingSpec(temperature=cfg.rollout.temperature, max_tokens=cfg.rollout.max_tokens or None,
-                            free_samples=cfg.rollout.free_samples)
+    sampling = sampling_of(cfg)
     return [
         MatchSpec(
             game=cfg.game.name,
             game_id=iteration * n + g,
-            group_id=0 if cfg.rollout.baseline == "batch" else seed_groups[g],
+            group_id={"batch": 0, "seed_group": seed_groups[g], "none": iteration * n + g}[cfg.rollout.baseline],
             seed=seed_of(cfg, iteration, seed_groups[g]),
             seats=pairings[g].seats,
             options=dict(cfg.game.options),
@@ -234,8 +234,7 @@ def _label(spec: str) -> str:
 def plan_eval_specs(cfg: Config, run_id: str, iteration: int, me: PlayerSpec) -> list[MatchSpec]:
     """`evaluation.games` games per opponent; the agent takes seat g mod 2 in game g; group = opponent."""
     ev = cfg.evaluation
-    sampling = SamplingSpec(temperature=cfg.rollout.temperature, max_tokens=cfg.rollout.max_tokens or None,
-                            free_samples=cfg.rollout.free_samples)
+    sampling = sampling_of(cfg)
     specs = []
     for j, spec in enumerate(ev.opponents):
         other = eval_player(cfg.game.name, spec) or me
