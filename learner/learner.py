@@ -44,6 +44,7 @@ import pyarrow as pa
 import torch
 
 from actors.adapters import AdapterVersion, Probe
+from actors.device import cpu_has_bf16
 from learner.batch import BatchError, CreditSpec, IterationBatch, MicroBatch, build_iteration
 from learner.constrain import Constrainer
 from learner.credit import CREDIT_METHODS
@@ -60,7 +61,6 @@ from learner.loss import STAT_SUMS, LossCoefs, micro_batch_loss
 
 DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,
           "fp32": torch.float32}
-FAST_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # without them CPU bf16 matmuls are emulated (slow)
 LOSS_PARTS = ("loss", "loss_pg", "loss_entropy", "loss_kl")  # already divided by N_tok per micro-batch
 
 
@@ -181,6 +181,7 @@ class Learner:
         self.rank, self.world_size = rank, world_size
         self.local_rank = local_rank
         self.version = 0  # version of the current adapter (0 = the initial zero adapter)
+        self.micro_progress = (0, 0)  # micro-batches done, of, in the running (or last) train_step
         self.engine: Any = None
         self._master: str | None = master  # rank 0's "host:port" (ranks > 0), else master_address()
         self._clip_norm: float | None = None
@@ -329,8 +330,8 @@ class Learner:
             world_size=self.world_size,
             constrainer=self.constrainer,
             pad_id=self.pad_id,
-        )
             guided_logprob=cfg.guided_logprob,
+        )
         t1 = time.perf_counter()
         metrics: dict[str, float] = {"version": float(self.version)}
         if it.n_tok == 0:
@@ -340,7 +341,8 @@ class Learner:
         sums = dict.fromkeys(STAT_SUMS, 0.0)
         staleness = 0
         coefs = LossCoefs(cfg.entropy_coef, cfg.kl_coef)
-        for mb in it.micro_batches:
+        self.micro_progress = (0, it.n_micro)
+        for done, mb in enumerate(it.micro_batches, 1):
             mb = mb.to(self.device)
             loss, stats = micro_batch_loss(mb, it.n_tok, coefs, self._logits, self.model.disable_adapter)
             self.engine.backward(loss * self.world_size)  # DeepSpeed averages over ranks
@@ -348,6 +350,7 @@ class Learner:
                 sums[k] += v
             if mb.n_targets:
                 staleness = max(staleness, self.version - int(mb.token_version.min()))
+            self.micro_progress = (done, it.n_micro)
         t2 = time.perf_counter()
         self.engine.step()
         t3 = time.perf_counter()
@@ -379,6 +382,11 @@ class Learner:
             tokens_per_s=it.real_tokens / max(t3 - t0, 1e-9),
         )
         return metrics
+
+    def progress(self) -> dict[str, int]:
+        """Micro-batches done in the running train_step: the driver calls it while train_step runs
+        (the actor's `progress` concurrency group, reciprocity.launcher)."""
+        return {"micro_batches_done": self.micro_progress[0], "micro_batches": self.micro_progress[1]}
 
     def _logits(self, mb: MicroBatch) -> torch.Tensor:
         return self.engine(input_ids=mb.input_ids, attention_mask=mb.attention_mask, logit_pos=mb.logit_pos)
@@ -460,21 +468,13 @@ class Learner:
         return self.version
 
 
-def cpu_has_fast_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f in flags.split() for f in FAST_BF16_CPU_FLAGS)
-
-
 def resolve_dtype(name: str) -> torch.dtype:
     """float32/fp32 -> float32. auto, bfloat16/bf16 -> bfloat16 where supported: a GPU with bf16 or a
     CPU with native bf16 (AVX512-BF16/AMX); else float32, since on an AVX2-only CPU bf16 matmuls
     are emulated (measured ~1 GFLOP/s vs ~70 fp32 per core)."""
     if DTYPES[name] == torch.float32:
         return torch.float32
-    supported = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else cpu_has_fast_bf16()
+    supported = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else cpu_has_bf16()
     if not supported and name != "auto":
         warnings.warn("bf16 requested but this device has no native bf16: training in float32", stacklevel=2)
     return torch.bfloat16 if supported else torch.float32

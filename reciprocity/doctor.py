@@ -25,12 +25,18 @@ def _version(name: str) -> tuple[bool, str]:
 
 
 def _bf16() -> tuple[bool, str]:
+    """Whether bf16 matmuls work, and whether `dtype: auto` picks bf16 here (a GPU with bf16, or a CPU
+    with native bf16: actors.device, the check the engine and the learner make)."""
     try:
         import torch
 
+        from actors.device import cpu_has_bf16
+
+        native = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else cpu_has_bf16()
         x = torch.ones(8, 8, dtype=torch.bfloat16)
         ok = bool(torch.allclose((x @ x).float(), torch.full((8, 8), 8.0)))
-        return ok, "bf16 matmul works" if ok else "bf16 matmul gives wrong results"
+        auto = "dtype auto: bfloat16 (native)" if native else "dtype auto: float32 (no native bf16)"
+        return ok, f"bf16 matmul works; {auto}" if ok else "bf16 matmul gives wrong results"
     except Exception as e:
         return False, f"bf16 check failed: {e}"
 

@@ -4,7 +4,7 @@
 Entry points:
 - `evaluate(game, agents, games, ...)` -> the result dict (and evaluation.json, heatmap.png and an
   MLflow run, see reciprocity/evaluation_report.py). `agents` are spec strings (reciprocity/agents.py)
-  or `Agent`s. `worker` reuses a rollout worker: a `RolloutWorkerActor` handle (the training driver's)
+  or `Agent`s. `worker` reuses a rollout worker: a rollout-worker actor handle (the training driver's)
   or a plain `RolloutWorker` not yet started; with None one is built here when a seat needs an
   engine and shut down at the end. Scripted-only matrices need no worker: they run through
   `envs.loop.play_scripted` (microseconds per round).
@@ -34,7 +34,7 @@ import pyarrow as pa
 
 import envs
 from actors.trajectories import concat
-from actors.vllm_engine import ALLOWED_LORA_RANKS
+from actors.vllm_engine import lora_rank_for
 from actors.worker import MatchSpec, RolloutWorker, SamplingSpec
 from envs.loop import play_scripted
 from envs.metrics import summarize
@@ -87,16 +87,10 @@ def worker_config(cfg: Config, agents: Sequence[Agent]) -> dict[str, Any]:
     """A RolloutWorker config for these agents: vLLM sized to their adapters (no engine at all
     when no seat needs one) and their API endpoints."""
     adapters = {a.adapter.key: a.adapter for a in agents if a.adapter is not None}
-    rank = max((int(v.config.get("r", 8)) for v in adapters.values()), default=8)
     config: dict[str, Any] = {
         "model": str(Path(cfg.model.path).absolute()),
-        "engine": {
-            "max_loras": max(1, len(adapters)),
-            "max_lora_rank": min(r for r in ALLOWED_LORA_RANKS if r >= rank),
-            "max_model_len": cfg.model.max_model_len,
-            "kv_cache_gib": cfg.rollout.kv_cache_gib,
-            "seed": cfg.seed,
-        },
+        "engine": engine_options(cfg, max_loras=max(1, len(adapters)),
+                                 max_lora_rank=lora_rank_for(int(v.config.get("r", 8)) for v in adapters.values())),
         "adapters": list(adapters.values()),
         "api": {a.player.policy: _asdict(a.api) for a in agents if a.api is not None and a.player is not None},
         "concurrency": cfg.rollout.concurrency,
@@ -113,9 +107,16 @@ def _asdict(api: Any) -> dict[str, Any]:
 
 
 async def _call(worker: Any, method: str, *args: Any) -> Any:
-    """A method of a plain RolloutWorker, or of a RolloutWorkerActor handle."""
+    """A method of a plain RolloutWorker, or of a rollout-worker actor handle."""
     fn = getattr(worker, method)
     return await (fn.remote(*args) if hasattr(fn, "remote") else fn(*args))
+
+
+def engine_options(cfg: Config, **sizing: Any) -> dict[str, Any]:
+    """VLLMEngine keyword arguments of a rollout worker from the config (context length, KV cache,
+    seed) plus the caller's LoRA sizing (max_loras, max_lora_rank, ...): the one place engines are sized."""
+    return {"max_model_len": cfg.model.max_model_len, "kv_cache_gib": cfg.rollout.kv_cache_gib, "seed": cfg.seed,
+            **sizing}
 
 
 def sampling_of(cfg: Config) -> SamplingSpec:

@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 MAX_BODY_BYTES = 1 << 20
-ALLOWED_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's max_lora_rank values
 STATIC = {"play.js": "text/javascript", "play.css": "text/css"}
 # The page loads only its own script and style; no inline script, no framing.
 PAGE_HEADERS = {
@@ -100,11 +99,12 @@ def read_adapters(config: ServeConfig) -> dict[str, AdapterVersion]:
 
 
 def engine_kwargs(config: ServeConfig, versions: dict[str, AdapterVersion]) -> dict[str, Any]:
-    ranks = [int(v.config.get("r", 0)) for v in versions.values()]
-    need = max(ranks, default=8)
-    rank = next((r for r in ALLOWED_RANKS if r >= need), None)
-    if rank is None:
-        raise ServeError(f"adapter rank {need} is over vLLM's maximum {ALLOWED_RANKS[-1]}")
+    from actors.vllm_engine import lora_rank_for
+
+    try:
+        rank = lora_rank_for(int(v.config.get("r", 8)) for v in versions.values())
+    except ValueError as e:
+        raise ServeError(str(e)) from None
     kwargs: dict[str, Any] = {"max_loras": max(1, min(len(versions), 4)), "max_lora_rank": rank}
     return {**kwargs, **config.engine}
 

@@ -50,11 +50,12 @@ from actors import trajectories
 from actors.adapters import AdapterVersion
 from actors.chat import ChatTemplate
 from actors.pool import OpponentPool
+from actors.vllm_engine import lora_rank_for
 from actors.worker import MatchSpec, PlayerSpec, RolloutWorker
 from envs.metrics import GameRecord, summarize
 from learner.learner import Learner
 from reciprocity import checkpoint, launcher
-from reciprocity.evaluate import sampling_of
+from reciprocity.evaluate import engine_options, sampling_of
 from reciprocity.config import Config, ConfigError
 from reciprocity.metrics import iteration_metrics
 from reciprocity.models import model_sha
@@ -114,16 +115,10 @@ def worker_config(cfg: Config, run_dir: Path, pool: Any, opponent: Any = None, i
     return {
         "api": apis,
         "model": str(Path(cfg.model.path).absolute()),
-        "engine": {
-            "max_loras": cfg.rollout.max_loras,
-            "max_cpu_loras": max(cfg.rollout.max_loras, cfg.buffer.resident_max + 2),
-            "max_lora_rank": cfg.lora.r,
-            "max_model_len": cfg.model.max_model_len,
-            "kv_cache_gib": cfg.rollout.kv_cache_gib,
-            "adapter_root": str(run_dir / "served-adapters" / f"worker-{index}"),
-            "probe_tolerance": cfg.rollout.probe_tolerance,
-            "seed": cfg.seed,
-        },
+        "engine": engine_options(cfg, max_loras=cfg.rollout.max_loras, max_lora_rank=lora_rank_for([cfg.lora.r]),
+                                 max_cpu_loras=max(cfg.rollout.max_loras, cfg.buffer.resident_max + 2),
+                                 adapter_root=str(run_dir / "served-adapters" / f"worker-{index}"),
+                                 probe_tolerance=cfg.rollout.probe_tolerance),
         "adapter_source": pool,
         "concurrency": cfg.rollout.concurrency,
     }

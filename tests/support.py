@@ -5,6 +5,7 @@ parsers of the cluster checks. Fixtures live in conftest.py; vLLM helpers in vll
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shlex
 from pathlib import Path
 from typing import Any
@@ -199,3 +200,39 @@ def parse_click(command: Any, args: list[str]) -> dict[str, Any]:
     """Parse `args` with a click command's own parser without running it (unknown flags fail)."""
     with command.make_context(command.name or "cmd", list(args)) as ctx:
         return dict(ctx.params)
+
+
+# ------------------------------------------------------------------------------- a Ray cluster of one test
+def cluster_processes(temp_dir: str) -> list[Any]:
+    """The processes of the Ray cluster started with `ray start --temp-dir=temp_dir`: every process
+    whose command line names that directory (GCS, raylet, dashboard, agents, workers) and all their
+    descendants (a worker's vLLM engine, a job's driver). Other clusters on the machine are not in it."""
+    import psutil
+
+    found: dict[int, Any] = {}
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if temp_dir in " ".join(p.info["cmdline"] or []):
+                found[p.pid] = p
+                found.update((c.pid, c) for c in p.children(recursive=True))
+        except psutil.Error:
+            continue
+    return list(found.values())
+
+
+def stop_cluster(temp_dir: str, grace_s: float = 15.0) -> list[Any]:
+    """Stop only the Ray cluster of `temp_dir` (`ray stop` has no scope: it stops every Ray of the
+    machine, other people's too): SIGTERM, then SIGKILL what is left after `grace_s`. Returns the
+    processes that were stopped."""
+    import psutil
+
+    procs = cluster_processes(temp_dir)
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(alive, timeout=grace_s)
+    return procs

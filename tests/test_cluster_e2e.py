@@ -1,17 +1,20 @@
 """The training job on real Ray clusters on this machine: `ray start --head` + `ray job submit`,
-and a two-node cluster whose rollout workers land on both nodes."""
+and a two-node cluster whose rollout workers land on both nodes. Each test stops only the cluster it
+started (never `ray stop`, which stops every Ray process of the machine, other people's included)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
-from support import tiny_overrides
+from support import cluster_processes, stop_cluster, tiny_overrides
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,10 +44,13 @@ def test_ray_job_submit_trains_and_logs_to_mlflow(tiny_model_dir: Path, tmp_path
     agent_ports = [f"--{flag}={free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                                                         "metrics-export-port", "runtime-env-agent-port",
                                                         "ray-client-server-port")]
+    # its own temp dir names this cluster's processes: the test stops those and no other Ray of the machine
+    temp_dir = tempfile.mkdtemp(prefix="ray-e2e-", dir="/tmp")
     start = [str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=2", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={dash}", "--disable-usage-stats", "--include-dashboard=true", *agent_ports]
-    subprocess.run(start, env=env, check=True, capture_output=True, timeout=180)
+             f"--dashboard-port={dash}", "--disable-usage-stats", "--include-dashboard=true", f"--temp-dir={temp_dir}",
+             *agent_ports]
     try:
+        subprocess.run(start, env=env, check=True, capture_output=True, timeout=180)
         overrides = tiny_overrides(tiny_model_dir, tmp_path, run_name="job")
         cmd = [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
                "--", "python", "-m", "reciprocity", "train", "--config", "configs/smoke.yaml", *overrides]
@@ -58,7 +64,10 @@ def test_ray_job_submit_trains_and_logs_to_mlflow(tiny_model_dir: Path, tmp_path
         assert "succeeded" in log, log[-4000:]
         assert time.time() - t0 < 900
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stopped = stop_cluster(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert stopped, "found no process of the test's cluster (its temp dir names none)"
+    assert cluster_processes(temp_dir) == [], "a process of the test's cluster outlived its stop"
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("reciprocity").experiment_id])
     assert run.info.status == "FINISHED"

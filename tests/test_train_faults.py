@@ -1,8 +1,9 @@
 """The training driver under faults, on the tiny model with a local Ray: a rollout worker SIGKILLed
 mid-iteration (restarted by Ray, its games replayed, the iteration holds exactly the planned game
-ids), the asynchronous mode (rollout of k+1 on version k while the learner steps on k), and a
-learner rank SIGKILLed (restored from the last checkpoint, the run goes on to its end). Each test
-builds its own trainer: none depends on what another left (checkpoints, iteration counts)."""
+ids, its vLLM engine processes gone with it), the asynchronous mode (rollout of k+1 on version k
+while the learner steps on k), and a learner rank SIGKILLed (restored from the last checkpoint, the
+run goes on to its end). Each test builds its own trainer: none depends on what another left
+(checkpoints, iteration counts)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ import signal
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from support import tiny_overrides
 
 pytestmark = pytest.mark.slow
+ENGINE_GONE_S = 15.0  # a killed worker's engine processes are gone this long after it (they watch their parent)
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +76,8 @@ def test_worker_killed_mid_rollout_replays_exactly_the_planned_games(make_traine
     trainer = make_trainer()
     worker = trainer.workers[0]
     old_pid = _pid(worker)
+    engine_tree = psutil.Process(old_pid).children(recursive=True)  # vLLM's EngineCore and its workers
+    assert engine_tree
     trainer._sync_adapters()
     specs = plan_specs(trainer.cfg, trainer.tracker.run_id, trainer.iteration, trainer.pool)
     pending = trainer._start_rollout(specs)
@@ -86,6 +91,8 @@ def test_worker_killed_mid_rollout_replays_exactly_the_planned_games(make_traine
     assert table.num_rows == 2 * len(specs)
     new_pid = _pid(worker)
     assert new_pid != old_pid and _gone(old_pid)
+    _, alive = psutil.wait_procs(engine_tree, timeout=ENGINE_GONE_S)  # no orphaned engine holds its memory
+    assert not alive, f"the killed worker's engine processes outlived it: {alive}"
     current = ray.get(trainer.pool.versions.remote(trainer.iteration))[0]
     assert current.key in ray.get(worker.adapters.remote())  # the restarted worker reloaded the version
 

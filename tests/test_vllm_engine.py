@@ -134,6 +134,16 @@ def engine(shared_engine: Any, loop: LoopThread) -> Any:
 
 
 # ----------------------------------------------------------------------------- validation (no engine)
+def test_lora_rank_for_sizes_every_engine() -> None:
+    """The one sizing of vLLM's max_lora_rank (training workers, evaluation workers, the Serve app)."""
+    from actors.vllm_engine import lora_rank_for
+
+    assert lora_rank_for([]) == 8 and lora_rank_for([8]) == 8 and lora_rank_for([4, 8]) == 8
+    assert lora_rank_for([17, 2]) == 32 and lora_rank_for([512]) == 512
+    with pytest.raises(ValueError, match="adapter rank 600 is over vLLM's maximum 512"):
+        lora_rank_for([600])
+
+
 def test_safetensors_header_rejects_garbage() -> None:
     with pytest.raises(AdapterError, match="too short"):
         read_safetensors_header(b"abc")
