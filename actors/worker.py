@@ -73,14 +73,15 @@ class PlayerSpec:
 @dataclass(frozen=True)
 class SamplingSpec:
     """Sampling of LLM seats: temperature, top-p, max new tokens (None: the env's per-decision
-    hint) and unguided samples before the guided one (0 = always guided)."""
+    hint), unguided samples before the guided one (0 = always guided) and what makes a free sample
+    valid (`actors.match.FREE_SAMPLE_MATCH`)."""
 
     temperature: float = 1.0
     top_p: float = 1.0
     max_tokens: int | None = None
     free_samples: int = 0
-
     free_sample_match: str = "lenient"
+
 
 @dataclass(frozen=True)
 class MatchSpec:
@@ -124,6 +125,7 @@ class RolloutWorker:
         self._started: asyncio.Task | None = None
         self.totals: dict[str, float] = defaultdict(float)
         self.last: dict[str, float] = {}
+        self._progress = {"planned": 0, "games": 0, "requests0": 0, "t0": time.perf_counter()}
 
     # -- adapters ----------------------------------------------------------------------------
     async def _start(self) -> None:
@@ -193,9 +195,9 @@ class RolloutWorker:
             top_p=sampling.top_p,
             max_tokens=sampling.max_tokens,
             free_samples=sampling.free_samples,
+            free_sample_match=sampling.free_sample_match,
         )
 
-            free_sample_match=sampling.free_sample_match,
     def _text_engine(self, player: PlayerSpec) -> TextEngine:
         key = (player.kind, player.policy)
         if key not in self._text_engines:
@@ -212,7 +214,7 @@ class RolloutWorker:
         seats = (self._seat(spec.seats[0], spec.sampling), self._seat(spec.seats[1], spec.sampling))
         async with limit:
             env = envs.make(spec.game, **spec.options)
-            return await play_match(
+            game = await play_match(
                 env,
                 seats,
                 spec.seed,
@@ -222,6 +224,8 @@ class RolloutWorker:
                 game_id=spec.game_id,
                 group_id=spec.group_id,
             )
+            self._progress["games"] += 1
+            return game
 
     async def _groups(self, specs: Sequence[MatchSpec], concurrency: int | None) -> AsyncIterator[pa.RecordBatch]:
         """Play `specs` with at most `concurrency` matches in flight; yield one validated record
@@ -231,6 +235,7 @@ class RolloutWorker:
             for player in spec.seats:
                 self._seat(player, spec.sampling)
         limit = asyncio.Semaphore(concurrency or self.concurrency)
+        self._progress = {"planned": len(specs), "games": 0, "requests0": self._requests(), "t0": time.perf_counter()}
         groups: dict[int, list[MatchSpec]] = defaultdict(list)
         for spec in specs:
             groups[spec.group_id].append(spec)
@@ -293,6 +298,16 @@ class RolloutWorker:
         stop = getattr(self.engine, "shutdown", None)
         if stop is not None:
             stop()
+
+    def _requests(self) -> int:
+        return int(getattr(getattr(self.engine, "stats", None), "requests", 0))
+
+    def progress(self) -> dict[str, float]:
+        """The running (or last) `run`, cheap to ask while it plays: games planned and finished,
+        model requests (LLM decisions; with free samples each sample counts) and seconds."""
+        p = self._progress
+        return {"planned": p["planned"], "games": p["games"], "decisions": self._requests() - p["requests0"],
+                "seconds": time.perf_counter() - p["t0"]}
 
     def _api_counts(self) -> dict[str, int]:
         """API seats' counters summed over endpoints: requests, retries, reprompts, failed_format,

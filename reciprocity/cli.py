@@ -22,6 +22,16 @@ def _redact_logs() -> None:
     logging.getLogger().addFilter(RedactingFilter())
 
 
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Library logs (vLLM, Ray, DeepSpeed, transformers) "
+                                      "on the console instead of the log file")]
+
+
+def _log_path(directory: Path, command: str, verbose: bool) -> Path | None:
+    from reciprocity.quiet import default_log_path
+
+    return None if verbose else default_log_path(directory, command)
+
+
 model_app = typer.Typer(no_args_is_help=True, help="Prepare the served base model.")
 app.add_typer(model_app, name="model")
 
@@ -59,11 +69,15 @@ def play(
     option: Annotated[list[str] | None, typer.Option("--option", "-o", help="Env option KEY=VALUE")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
     config: Annotated[Path | None, typer.Option(help="YAML config: model, sampling (LLM seats)")] = None,
+    verbose: Verbose = False,
 ) -> None:
     """Play two agents against each other in both seat orders and print their figures."""
     from reciprocity.play import main
+    from reciprocity.quiet import log_to
 
-    raise typer.Exit(main(env, agents, games, seed, option or [], as_json, config))
+    with log_to(_log_path(Path("runs"), "play", verbose)):  # LLM seats: engine logs to runs/logs/
+        code = main(env, agents, games, seed, option or [], as_json, config)
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -74,13 +88,19 @@ def serve(
     port: Annotated[int, typer.Option(min=1, max=65535, help="HTTP port")] = 8000,
     gpus: Annotated[float, typer.Option(min=0, help="GPUs of the engine replica")] = 0.0,
     address: Annotated[str | None, typer.Option(help="Ray address (or `auto`); default: start a local Ray")] = None,
+    verbose: Verbose = False,
 ) -> None:
     """Ray Serve app: OpenAI-compatible /v1/chat/completions (model `base` or NAME) and a page to play the agent."""
+    from reciprocity.quiet import library_logs_to
     from reciprocity.serve import ServeConfig, ServeError, main, parse_adapters
 
     try:
         config = ServeConfig(str(model.resolve()), parse_adapters(adapter or []), host, port, num_gpus=gpus)
-        code = main(config, address)
+        log = _log_path(Path("runs"), "serve", verbose)
+        if log is not None:
+            typer.echo(f"library logs: {log}")
+        with library_logs_to(log, stdout=False):  # the URL line goes to stdout; Ray Serve's logs to the file
+            code = main(config, address)
     except (ServeError, OSError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
@@ -93,6 +113,7 @@ def train(
     overrides: Annotated[list[str] | None, typer.Argument(help="key.sub=value overrides")] = None,
     address: Annotated[str | None, typer.Option(help="Ray address (or `auto`); default: start a local Ray")] = None,
     resume: Annotated[Path | None, typer.Option(help="Run directory to resume from its last checkpoint")] = None,
+    verbose: Verbose = False,
 ) -> None:
     """Train: rollouts on vLLM workers, Advantage Alignment updates on DeepSpeed learners."""
     from reciprocity.config import ConfigError, load_config
@@ -102,10 +123,20 @@ def train(
     except ConfigError as e:
         typer.echo(f"config error: {e}", err=True)
         raise typer.Exit(2) from None
-    from reciprocity.train import TrainError, run
+    from reciprocity.quiet import library_logs_to
+    from reciprocity.train import TrainError, run, run_dir_of
 
+    log = _log_path(run_dir_of(cfg, resume), "train", verbose)
     try:
-        run(cfg, address=address, resume=resume)
+        with library_logs_to(log) as out:
+            if log is not None:
+                out.write(f"library logs: {log}\n")
+            try:
+                run(cfg, address=address, resume=resume, out=out)
+            finally:
+                import ray
+
+                ray.shutdown()  # its teardown logs go to the file too
     except (ConfigError, TrainError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
@@ -124,11 +155,15 @@ def evaluate(
     seed: Annotated[int, typer.Option(help="Game i of every pair uses seed + i")] = 0,
     option: Annotated[list[str] | None, typer.Option("--option", "-o", help="Env option KEY=VALUE")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object")] = False,
+    verbose: Verbose = False,
 ) -> None:
     """Cross-play tournament: every ordered pair of agents (and self-play), exploitability, heatmap, MLflow."""
     from reciprocity.evaluate import main
+    from reciprocity.quiet import log_to
 
-    raise typer.Exit(main(game, specs or [], games, config, out, parent_run, seed, option or [], as_json))
+    with log_to(_log_path(Path("runs"), "evaluate", verbose)):  # engine logs to runs/logs/
+        code = main(game, specs or [], games, config, out, parent_run, seed, option or [], as_json)
+    raise typer.Exit(code)
 
 
 @app.command()

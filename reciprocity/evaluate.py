@@ -53,7 +53,15 @@ Pair = tuple[int, int]
 @contextlib.contextmanager
 def stdout_to_stderr() -> Iterator[None]:
     """Route the process's stdout (fd 1, which vLLM's logger and engine processes write to) to
-    stderr while an engine runs, so that a command's stdout carries only its result (`--json`)."""
+    stderr while an engine runs, so that a command's stdout carries only its result (`--json`).
+    A quiet command (reciprocity.quiet: not --verbose) sends both to its log file instead."""
+    from reciprocity import quiet
+
+    if quiet.log_file() is not None:
+        print(f"library logs: {quiet.log_file()}", file=sys.stderr, flush=True)
+        with quiet.library_logs_to(quiet.log_file()):
+            yield
+        return
     sys.stdout.flush()
     saved = os.dup(1)
     os.dup2(2, 1)

@@ -84,7 +84,7 @@ class EvaluationRun:
     def __init__(self, cfg: Config, parent_run: str | None, game: str) -> None:
         from mlflow.tracking import MlflowClient
 
-        from reciprocity.tracking import artifacts_beside, git_commit, tracking_uri
+        from reciprocity.tracking import git_commit, tracking_uri, training_experiment
 
         self.client = MlflowClient(tracking_uri(cfg))
         tags = {"reciprocity.kind": "evaluation", "git_commit": git_commit()}
@@ -92,9 +92,7 @@ class EvaluationRun:
             experiment_id = self.client.get_run(parent_run).info.experiment_id
             tags["mlflow.parentRunId"] = parent_run
         else:
-            exp = self.client.get_experiment_by_name(cfg.tracking.experiment)
-            experiment_id = exp.experiment_id if exp else self.client.create_experiment(
-                cfg.tracking.experiment, artifact_location=artifacts_beside(self.client.tracking_uri))
+            experiment_id = training_experiment(self.client, cfg.tracking.experiment, self.client.tracking_uri)
         self.run_id: str = self.client.create_run(experiment_id, tags=tags, run_name=f"evaluate-{game}").info.run_id
 
     def finish(self, result: dict[str, Any], files: dict[str, Path]) -> None:

@@ -15,14 +15,16 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from reciprocity import quiet
 from reciprocity.config import Config
 
 WORKER_MAX_RESTARTS = 3
+PROGRESS_GROUP = "progress"  # learner ranks: a concurrency group for the driver's progress polls
 PLACEMENT_TIMEOUT_S = 120.0
 
 # Environment every actor needs (MLflow URI, vLLM's CPU KV cache, no Ray usage stats).
 PASSED_ENV = ("MLFLOW_TRACKING_URI", "VLLM_CPU_KVCACHE_SPACE", "TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS",
-              "RAY_AUTH_MODE", "VLLM_LOGGING_LEVEL")
+              "RAY_AUTH_MODE", "VLLM_LOGGING_LEVEL", quiet.LOG_ENV)
 
 
 def init_ray(address: str | None) -> None:
@@ -30,18 +32,22 @@ def init_ray(address: str | None) -> None:
     else start a local Ray (the embedded default): no dashboard, and every Ray server (GCS, raylet,
     object manager, workers, agents) listening on 127.0.0.1 only (see `_loopback_only`). The local Ray
     is always a new one (`address="local"`): a bare `ray.init()` joins whatever cluster `ray start`
-    left on the machine (/tmp/ray/ray_current_cluster), someone else's included."""
+    left on the machine (/tmp/ray/ray_current_cluster), someone else's included. Inside
+    `quiet.library_logs_to` the workers write their logs to the command's log file, not the console."""
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
     runtime_env: dict[str, Any] = {"env_vars": env}
+    quiet_logs = quiet.log_file() is not None  # the workers' logs go to the command's log file
+    if quiet_logs:
+        runtime_env["worker_process_setup_hook"] = quiet.SETUP_HOOK
     if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=not quiet_logs)
     else:
         _loopback_only()
         ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False,
-                 runtime_env=runtime_env, log_to_driver=True)
+                 runtime_env=runtime_env, log_to_driver=not quiet_logs)
 
 
 def _loopback_only() -> None:
@@ -114,9 +120,17 @@ class Located:
         return {"ip": ray.util.get_node_ip_address(), "node_id": ctx.get_node_id(), "pid": str(os.getpid())}
 
 
-def actor_class(cls: type) -> Any:
-    """`cls` as a Ray actor class that can also tell where it runs (`node()`)."""
-    return ray.remote(type(cls.__name__, (cls, Located), {}))
+def actor_class(cls: type, **options: Any) -> Any:
+    """`cls` as a Ray actor class that can also tell where it runs (`node()`); `options` are
+    `ray.remote`'s (those `.options()` refuses, as concurrency_groups)."""
+    return ray.remote(**options)(type(cls.__name__, (cls, Located), {})) if options else ray.remote(
+        type(cls.__name__, (cls, Located), {}))
+
+
+def learner_class(cls: type) -> Any:
+    """The learner rank's actor class: its `progress` calls run in their own concurrency group, so
+    they answer while `train_step` runs; every other method keeps one thread, in order."""
+    return actor_class(cls, concurrency_groups={PROGRESS_GROUP: 1})
 
 
 def node_of(actor: Any) -> dict[str, str]:

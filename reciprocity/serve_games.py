@@ -30,7 +30,8 @@ from actors.engine import Engine
 from actors.match import SeatSpec, TokenSeat
 from actors.trajectories import SeatTrajectory
 from envs import AGENTS, TextGame
-from envs.parsing import MESSAGE_CHARS
+from envs.allocation import UNITS
+from envs.parsing import HANDS, MESSAGE_CHARS, SPLIT_ITEMS, format_message, format_proposal, format_split
 
 GAMES = ("ipd", "split_nocomm", "trust_and_split")
 SEATS = AGENTS
@@ -62,6 +63,30 @@ def expected_format(game: str, info: dict[str, Any]) -> str:
     if game == "trust_and_split":
         return "<<proposal_start>> x <<proposal_end>>, x the coins you keep, an integer from 0 to 10"
     return "Proposal: x hats, y books, z balls, each an integer from 0 to 10"
+
+
+def controls(game: str, info: dict[str, Any]) -> dict[str, Any]:
+    """How the page asks for a pending decision: the form's fields and a `template` whose `{field}`s
+    the page fills in to compose exactly the text a model must write (the typed answer stays too).
+    ipd: one button per action; split_nocomm: a number per item; trust_and_split: a message box
+    (a claim picker helps write it) or the coins kept."""
+    kind, state = info["kind"], info.get("state", {})
+    if game == "ipd":
+        labels = state["labels"]
+        return {"type": "choice", "choices": [{"answer": labels[a], "meaning": meaning}
+                                              for a, meaning in (("C", "cooperate"), ("D", "defect"))]}
+    if kind == "message":
+        rps = state.get("values", "rps") == "rps"
+        return {"type": "message", "max_chars": MESSAGE_CHARS, "template": format_message("{message}"),
+                "claims": [f"My hand is {h}." for h in HANDS] if rps
+                else [f"My per-coin value is {v}." for v in range(1, 21)]}
+    if game == "trust_and_split":
+        return {"type": "numbers", "template": format_proposal("{coins}"),  # type: ignore[arg-type]: a placeholder
+                "fields": [{"name": "coins", "label": "coins you keep", "min": 0, "max": UNITS}]}
+    values = state.get("my_values", [None] * len(SPLIT_ITEMS))
+    return {"type": "numbers", "template": format_split([f"{{{item}}}" for item in SPLIT_ITEMS]),  # type: ignore[arg-type]
+            "fields": [{"name": item, "label": f"{item} you claim" + ("" if v is None else f" (worth {v} each to you)"),
+                        "min": 0, "max": UNITS} for item, v in zip(SPLIT_ITEMS, values, strict=True)]}
 
 
 def _describe(game: str, action: str) -> str:
@@ -97,6 +122,7 @@ class GameSession:
         self.touched = time.monotonic()
         self.log: list[dict[str, str]] = []
         self.score = [0.0, 0.0]
+        self.points: list[list[float]] = []  # [you, agent] per finished round (the page's score chart)
         self.rules = ""
         self.observations: dict[str, str] = {}
         self.infos: dict[str, dict[str, Any]] = {}
@@ -157,6 +183,7 @@ class GameSession:
                 f"{_describe(self.env.game, them)}{invalid}. Points: you {_points(r_you)}, the agent {_points(r_them)}."
             )
             self.log.append({"who": "round", "text": text})
+            self.points.append([_points(r_you), _points(r_them)])
 
     def state(self) -> dict[str, Any]:
         human = AGENTS[self.human]
@@ -175,6 +202,8 @@ class GameSession:
             "prompt": self.observations.get(human, "") if acting else "",
             "kind": info.get("kind", "") if acting else "",
             "format": expected_format(self.env.game, info) if acting else "",
+            "controls": controls(self.env.game, info) if acting else None,
+            "points": [list(p) for p in self.points],
             "log": list(self.log),
         }
 

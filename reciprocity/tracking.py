@@ -27,6 +27,9 @@ from actors.redact import redact_text
 from reciprocity.config import Config
 
 MAX_PARAMS_PER_BATCH = 100
+# The experiment tag MLflow 3's UI reads to choose its views: "custom_model_development" opens the
+# experiment as model training (runs with metric charts), not as a GenAI app (traces, evaluation runs).
+EXPERIMENT_KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -56,6 +59,18 @@ def git_commit() -> str:
         return "unknown"
 
 
+def training_experiment(client: MlflowClient, name: str, uri: str) -> str:
+    """The id of experiment `name`, created if needed, marked as a training experiment (an older
+    one without the mark gets it; a kind someone chose by hand is kept)."""
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        return client.create_experiment(name, artifact_location=artifacts_beside(uri),
+                                        tags={EXPERIMENT_KIND_TAG: TRAINING_KIND})
+    if EXPERIMENT_KIND_TAG not in exp.tags:
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
+    return exp.experiment_id
+
+
 class Tracker:
     """Wraps one MLflow run (created, or re-opened on resume)."""
 
@@ -64,9 +79,7 @@ class Tracker:
         os.environ["MLFLOW_TRACKING_URI"] = self.uri  # Ray actors and child processes inherit it
         mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(self.uri)
-        exp = self.client.get_experiment_by_name(cfg.tracking.experiment)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(
-            cfg.tracking.experiment, artifact_location=artifacts_beside(self.uri))
+        exp_id = training_experiment(self.client, cfg.tracking.experiment, self.uri)
         if run_id is None:
             run = mlflow.start_run(experiment_id=exp_id, run_name=cfg.run_name,
                                    log_system_metrics=cfg.tracking.system_metrics)

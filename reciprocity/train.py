@@ -42,21 +42,20 @@ import pyarrow as pa
 import pyarrow.compute
 import ray
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 import envs
 from actors import trajectories
-from actors.adapters import AdapterVersion
+from actors.adapters import AdapterError, AdapterVersion
 from actors.chat import ChatTemplate
 from actors.pool import OpponentPool
 from actors.vllm_engine import lora_rank_for
 from actors.worker import MatchSpec, PlayerSpec, RolloutWorker
 from envs.metrics import GameRecord, summarize
 from learner.learner import Learner
-from reciprocity import checkpoint, launcher
-from reciprocity.evaluate import engine_options, sampling_of
+from reciprocity import checkpoint, launcher, progress
 from reciprocity.config import Config, ConfigError
+from reciprocity.evaluate import engine_options, sampling_of
 from reciprocity.metrics import iteration_metrics
 from reciprocity.models import model_sha
 from reciprocity.report import CURVES, RETURN, SIDES, plot_curves, transcripts_html
@@ -64,7 +63,7 @@ from reciprocity.tracking import Tracker
 
 LEARNER_NAME = "learner"
 EVAL_GAME_ID_BASE = 1 << 40  # evaluation game ids never meet training ones
-console = Console()
+console = Console(log_path=False)
 
 
 class TrainError(RuntimeError):
@@ -276,7 +275,7 @@ class Trainer:
     def __init__(self, cfg: Config, address: str | None = None, resume: Path | None = None) -> None:
         preflight(cfg)
         self.cfg = cfg
-        self.run_dir = (Path(resume) if resume else Path(cfg.runs_dir) / cfg.run_name).absolute()
+        self.run_dir = run_dir_of(cfg, resume)
         self.opponent = fixed_opponent(cfg) if cfg.opponent is not None else None
         self.ckpt_state: checkpoint.State | None = None
         self.ckpt_dir: Path | None = None
@@ -299,6 +298,7 @@ class Trainer:
         self.learners: list[Any] = []
         self.pool: Any = None
         self.placement: launcher.Placement | None = None
+        self.view: progress.Silent = progress.Silent()  # run() shows progress.RunProgress
         try:
             self._start_actors()
         except BaseException:  # nothing half-started outlives a failed start (actors, the MLflow run)
@@ -354,7 +354,7 @@ class Trainer:
     # -- actors ------------------------------------------------------------------------------
     def _start_learners(self) -> None:
         cfg = self.cfg
-        learner_cls = launcher.actor_class(Learner)
+        learner_cls = launcher.learner_class(Learner)
         lcfg = learner_config(cfg)
         rank0 = learner_cls.options(**self.placement.learner_options(0, cfg)).remote(
             lcfg, rank=0, world_size=cfg.learner.ranks)
@@ -420,9 +420,14 @@ class Trainer:
         it = self.iteration if iteration is None else iteration
         versions: list[AdapterVersion] = ray.get(self.pool.versions.remote(it))
         want = {v.key for v in versions}
-        for w in self.workers:
+        for i, w in enumerate(self.workers):
             have = set(ray.get(w.adapters.remote()))
-            ray.get([w.load_adapter.remote(v) for v in versions if v.key not in have])
+            try:
+                ray.get([w.load_adapter.remote(v) for v in versions if v.key not in have])
+            except ray.exceptions.RayTaskError as e:
+                if isinstance(e.cause, AdapterError):
+                    raise TrainError(f"rollout worker {i} rejected an adapter: {e.cause}") from None
+                raise
             if unload:
                 ray.get([w.unload_adapter.remote(k) for k in have - want])
 
@@ -441,21 +446,48 @@ class Trainer:
         for i, future in pending.futures.items():
             for attempt in range(launcher.WORKER_MAX_RESTARTS + 1):
                 try:
-                    refs += ray.get(future)
+                    refs += self._wait_rollout(future)
                     break
                 except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
                     if attempt == launcher.WORKER_MAX_RESTARTS:
                         raise TrainError(f"rollout worker {i} died {attempt + 1} times: {e}") from None
                     replays += 1
-                    console.log(f"[yellow]rollout worker {i} died ({type(e).__name__}); waiting for its "
-                                f"restart to replay {len(pending.chunks[i])} games")
+                    self.view.warn(f"rollout worker {i} died ({type(e).__name__}); waiting for its restart to "
+                                   f"replay {len(pending.chunks[i])} games")
                     self._await_restart(i)
                     future = self.workers[i].run.remote(pending.chunks[i], self.cfg.rollout.concurrency)
         stats: dict[str, Any] = {"seconds/rollout": time.perf_counter() - pending.t0, "rollout/replays": replays}
         lasts = [s["last"] for s in ray.get([w.stats.remote() for w in self.workers])]
         stats["rollout/tokens_per_s"] = sum(s.get("tokens_per_s", 0.0) for s in lasts)
         stats["rollout/worker_seconds_max"] = max((s.get("seconds", 0.0) for s in lasts), default=0.0)
+        forfeits = sum(s.get("api_forfeits", 0.0) for s in lasts)
+        if forfeits:
+            stats["rollout/api_forfeits"] = forfeits
+            self.view.warn(f"{int(forfeits)} API opponent decision(s) forfeited (the endpoint kept failing)")
         return refs, stats
+
+    def _wait_rollout(self, future: ray.ObjectRef) -> list[ray.ObjectRef]:
+        """ray.get(future), showing the workers' progress every POLL_S seconds while it runs."""
+        while not ray.wait([future], timeout=progress.POLL_S)[0]:
+            with contextlib.suppress(Exception):  # progress is for show; a dead worker's future raises below
+                p = progress.sum_progress(ray.get([w.progress.remote() for w in self.workers],
+                                                  timeout=progress.POLL_S))
+                self.view.update(completed=p["games"], total=p["planned"], detail=progress.rollout_detail(p))
+            self.view.tick()
+        return ray.get(future)
+
+    def _wait_learners(self, futures: list[ray.ObjectRef]) -> list[Any]:
+        """The learner ranks' train_step results, showing rank 0's micro-batches while they run. Once
+        any rank is done (or dead) it is a blocking get, as before: a lost rank raises at once."""
+        while not ray.wait(futures, num_returns=1, timeout=progress.POLL_S)[0]:
+            with contextlib.suppress(Exception):  # for show only: a lost rank raises in _learner_get
+                p = ray.get(self.learners[0].progress.options(concurrency_group=launcher.PROGRESS_GROUP).remote(),
+                            timeout=progress.POLL_S)
+                if p["micro_batches"]:
+                    self.view.update(completed=p["micro_batches_done"], total=p["micro_batches"],
+                                     detail=f"{p['micro_batches_done']}/{p['micro_batches']} micro-batches")
+            self.view.tick()
+        return _learner_get(futures)
 
     def _await_restart(self, i: int, timeout_s: float = 600.0) -> None:
         """Block until worker i answers again (Ray restarts it; its `ready` reloads the adapters)."""
@@ -472,12 +504,14 @@ class Trainer:
 
     def learn(self, refs: list[ray.ObjectRef]) -> dict[str, Any]:
         t0 = time.perf_counter()
-        metrics = _learner_get([a.train_step.remote(refs) for a in self.learners])[0]
+        self.view.phase("learn")
+        metrics = self._wait_learners([a.train_step.remote(refs) for a in self.learners])[0]
         return _learner_metrics(metrics, time.perf_counter() - t0)
 
     def publish(self, unload: bool = True) -> dict[str, Any]:
         """Export version k+1, make it the pool's current (snapshot on cadence), serve it."""
         t0 = time.perf_counter()
+        self.view.phase("publish", detail=f"version {self.version + 1} to {len(self.workers)} worker(s)")
         self.version += 1
         version = self._export(self.version)
         froze = ray.get(self.pool.set_current.remote(version, self.iteration + 1))
@@ -502,8 +536,10 @@ class Trainer:
         """One synchronous iteration: rollout, learn, publish, log."""
         it = self.iteration
         t_iter = time.perf_counter()
+        self.view.start_iteration(it)
         self._sync_adapters()
         specs = plan_specs(self.cfg, self.tracker.run_id, it, self.pool)
+        self.view.phase("rollout", total=len(specs))
         refs, rollout_stats = self._finish_rollout(self._start_rollout(specs))
         _, game_metrics = self._gather(refs, specs)
         learn_metrics = self.learn(refs)
@@ -518,6 +554,8 @@ class Trainer:
         while pending is not None:
             self._pending = pending
             it, t_iter = self.iteration, time.perf_counter()
+            self.view.start_iteration(it)
+            self.view.phase("rollout", total=len(pending.specs))
             refs, rollout_stats = self._finish_rollout(pending)
             self._sync_adapters()  # retire the version the finished rollout no longer needs
             _, game_metrics = self._gather(refs, pending.specs)
@@ -529,7 +567,8 @@ class Trainer:
                 self._sync_adapters(nxt, unload=False)
                 pending = self._start_rollout(plan_specs(self.cfg, self.tracker.run_id, nxt, self.pool))
             self._pending = pending
-            learn_metrics = _learner_metrics(_learner_get(learning)[0], time.perf_counter() - t0)
+            self.view.phase("learn" if pending is None else "learn (next rollout running)")
+            learn_metrics = _learner_metrics(self._wait_learners(learning)[0], time.perf_counter() - t0)
             pub = self.publish(unload=pending is None)
             metrics = {**game_metrics, **rollout_stats, **learn_metrics, **pub, "overlapped": int(pending is not None)}
             yield self._end_iteration(it, t_iter, metrics)
@@ -558,6 +597,7 @@ class Trainer:
         current = ray.get(self.pool.versions.remote(self.iteration))[0]
         me = PlayerSpec("llm", current.name, current.version, adapter=current.key)
         specs = plan_eval_specs(cfg, self.tracker.run_id, self.iteration, me)
+        self.view.phase("evaluate", total=len(specs))
         refs, _ = self._finish_rollout(self._start_rollout(specs))
         table = trajectories.concat(ray.get(refs))
         check_game_ids(table, specs)
@@ -586,6 +626,7 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
+        self.view.phase("checkpoint")
         tmp = checkpoint.begin(self.run_dir, self.iteration)
         _learner_get([a.save_checkpoint.remote(str(tmp / "learner")) for a in self.learners])
         checkpoint.save_pool(tmp, ray.get(self.pool.state_dict.remote()), ray.get(self.pool.adapters.remote()))
@@ -610,24 +651,50 @@ class Trainer:
             self.placement.remove()
 
 
-def run(cfg: Config, address: str | None = None, resume: Path | None = None) -> list[dict[str, Any]]:
-    trainer = Trainer(cfg, address=address, resume=resume)
+def run_dir_of(cfg: Config, resume: Path | None = None) -> Path:
+    """Where a run (new or resumed) keeps its checkpoints, config and logs."""
+    return (Path(resume) if resume else Path(cfg.runs_dir) / cfg.run_name).absolute()
+
+
+def run(cfg: Config, address: str | None = None, resume: Path | None = None,
+        out: Any = None) -> list[dict[str, Any]]:
+    """Train to `cfg.iterations`, showing live progress; `out`: the stream for the run's own lines
+    (default stdout; `reciprocity train` passes the real stdout while library logs go to a file)."""
+    if out is not None:
+        console.file = out
+    try:
+        return _run(cfg, address, resume)
+    finally:
+        console.file = None  # back to sys.stdout
+
+
+def _run(cfg: Config, address: str | None, resume: Path | None) -> list[dict[str, Any]]:
+    starting = "starting Ray, the learner and the rollout workers (about a minute on CPU)"
+    if not console.is_terminal:  # a status spinner shows nothing there
+        console.print(starting, highlight=False)
+    with console.status(starting):
+        trainer = Trainer(cfg, address=address, resume=resume)
     status = "FAILED"
     try:
-        with Progress(TextColumn("[bold]iteration"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                      TimeElapsedColumn(), TextColumn("{task.description}"), console=console) as progress:
-            task = progress.add_task("", total=cfg.iterations, completed=trainer.iteration)
+        trainer.view = view = progress.RunProgress(console, cfg.iterations, trainer.iteration)
+        try:
             for m in trainer.iterations():
-                line = _progress_line(m)
-                progress.update(task, advance=1, description=line)
-                console.log(f"it {trainer.iteration - 1}: {line}")
-        if not cfg.checkpoint.every or trainer.iteration % cfg.checkpoint.every:
-            trainer.save_checkpoint()
-        trainer.log_adapter(ray.get(trainer.pool.versions.remote(trainer.iteration))[0])
+                view.end_iteration(_progress_line(m))
+                notes = progress.describe(m)
+                if notes:
+                    view.warn(notes)
+            if not cfg.checkpoint.every or trainer.iteration % cfg.checkpoint.every:
+                trainer.save_checkpoint()
+            view.phase("finish", detail="last adapter to MLflow")
+            trainer.log_adapter(ray.get(trainer.pool.versions.remote(trainer.iteration))[0])
+        finally:
+            view.close()
+            trainer.view = progress.Silent()
         status = "FINISHED"
     finally:
         trainer.tracker.finish(status)
-        trainer.close()
+        with console.status("shutting down the workers"):
+            trainer.close()
     _summary(cfg, trainer)
     return trainer.history
 

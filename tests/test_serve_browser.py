@@ -1,6 +1,8 @@
 """The play page in headless Chromium (Selenium): a full IPD game against an adapter, a move that
-does not parse shown back with its format, and model text holding markup rendered inert (one
-engine start for the module; `make browser` installs Chromium and its driver)."""
+does not parse shown back with its format, model text holding markup rendered inert, and the
+controls of each game (IPD buttons, Split No-Comm numbers, Trust-and-Split message and coins) with
+the running-score chart (one engine start for the module; `make browser` installs Chromium and its
+driver)."""
 
 from __future__ import annotations
 
@@ -84,13 +86,13 @@ def wait(driver: Any, condition: Any, timeout: float = 180) -> Any:
     return WebDriverWait(driver, timeout, poll_frequency=0.1).until(condition)
 
 
-def new_game(driver: Any, url: str, model: str, rounds: int | None = None) -> None:
+def new_game(driver: Any, url: str, model: str, rounds: int | None = None, game: str = "ipd") -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
     driver.get(f"{url}/")
     wait(driver, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "true", 60)
-    Select(driver.find_element(By.ID, "game")).select_by_value("ipd")
+    Select(driver.find_element(By.ID, "game")).select_by_value(game)
     Select(driver.find_element(By.ID, "model")).select_by_value(model)
     Select(driver.find_element(By.ID, "seat")).select_by_value("alice")
     if rounds:
@@ -161,3 +163,112 @@ def test_agent_markup_renders_as_text(url: str, browser: Any) -> None:
     assert browser.execute_script("return document.querySelectorAll('#log script, #log img').length") == 0
     assert browser.execute_script("return window.__pwned === undefined") and browser.title == title
     assert browser.find_element(By.ID, "final").is_displayed()
+
+
+def click_and_wait(driver: Any, element_id: str, css: str | None = None) -> None:
+    """Click a control (by id, or the first match of `css`) and wait for the server's answer."""
+    from selenium.webdriver.common.by import By
+
+    target = driver.find_element(By.CSS_SELECTOR, css) if css else driver.find_element(By.ID, element_id)
+    target.click()
+    wait(driver, lambda d: d.find_element(By.ID, "turn").get_attribute("data-busy") == "false"
+         or d.find_element(By.ID, "board").get_attribute("data-done") == "true")
+
+
+def chart_rounds(driver: Any) -> list[int]:
+    from selenium.webdriver.common.by import By
+
+    return [int(e.get_attribute("data-rounds")) for e in driver.find_elements(By.CSS_SELECTOR, "#chart polyline")]
+
+
+def test_ipd_buttons_play_each_action_and_the_chart_follows_the_score(url: str, browser: Any) -> None:
+    from selenium.webdriver.common.by import By
+
+    new_game(browser, url, "alpha", rounds=3)
+    buttons = browser.find_elements(By.CSS_SELECTOR, "#controls button.choice")
+    assert [b.get_attribute("data-answer") for b in buttons] == ["<A>", "<B>"]
+    assert [b.find_element(By.CLASS_NAME, "meaning").text for b in buttons] == ["cooperate", "defect"]
+    assert chart_rounds(browser) == [0, 0]
+    click_and_wait(browser, "", '#controls button[data-answer="<A>"]')
+    assert texts(browser, "#log li.you .text") == ["<A>"] and "you cooperated" in texts(browser, "#log li.round")[0]
+    assert chart_rounds(browser) == [1, 1]
+    click_and_wait(browser, "", '#controls button[data-answer="<B>"]')
+    assert texts(browser, "#log li.you .text") == ["<A>", "<B>"]
+    assert "you defected" in texts(browser, "#log li.round")[1]
+    click_and_wait(browser, "", '#controls button[data-answer="<A>"]')
+    assert browser.find_element(By.ID, "final").is_displayed() and chart_rounds(browser) == [3, 3]
+    assert browser.find_element(By.ID, "error").text == ""
+    sid = browser.find_element(By.ID, "board").get_attribute("data-session")
+    state = httpx.get(f"{url}/play/{sid}", timeout=30).json()
+    assert len(state["points"]) == 3 and sum(p[0] for p in state["points"]) == state["score"]["you"]
+
+
+def test_split_nocomm_numbers_compose_the_proposal(url: str, browser: Any) -> None:
+    from selenium.webdriver.common.by import By
+
+    new_game(browser, url, "alpha", rounds=2, game="split_nocomm")
+    fields = browser.find_elements(By.CSS_SELECTOR, "#controls input[type=number]")
+    assert [f.get_attribute("name") for f in fields] == ["hats", "books", "balls"]
+    assert all((f.get_attribute("min"), f.get_attribute("max")) == ("0", "10") for f in fields)
+    assert all("worth" in label.text for label in browser.find_elements(By.CSS_SELECTOR, "#controls label"))
+    for round_, values in enumerate(((7, 2, 5), (0, 10, 3))):
+        for f, v in zip(fields if round_ == 0 else browser.find_elements(By.CSS_SELECTOR, "#controls input"),
+                        values, strict=True):
+            f.clear()
+            f.send_keys(str(v))
+        click_and_wait(browser, "propose")
+        assert browser.find_element(By.ID, "error").text == ""
+        assert texts(browser, "#log li.you .text")[-1] == "Proposal: {} hats, {} books, {} balls".format(*values)
+        played = f"you proposed {values[0]} hats, {values[1]} books, {values[2]} balls"
+        assert played in texts(browser, "#log li.round")[-1]
+    assert browser.find_element(By.ID, "final").is_displayed() and chart_rounds(browser) == [2, 2]
+
+
+def test_trust_and_split_message_claim_and_coins(url: str, browser: Any) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    new_game(browser, url, "alpha", rounds=2, game="trust_and_split")
+    sent = {"message": 0, "coins": 0}
+    while browser.find_element(By.ID, "board").get_attribute("data-done") != "true":
+        if browser.find_elements(By.ID, "say"):  # the message step: a claim picked, words typed around it
+            claim = Select(browser.find_element(By.ID, "claim"))
+            assert [o.text for o in claim.options][1:] == ["My hand is rock.", "My hand is paper.",
+                                                           "My hand is scissors."]
+            box = browser.find_element(By.ID, "message-text")
+            box.send_keys("Hello <there>")  # refused on the page: a message cannot hold < or >
+            browser.find_element(By.ID, "say").click()
+            assert "cannot hold < or >" in browser.find_element(By.ID, "error").text
+            box.clear()
+            box.send_keys("Hello.")
+            claim.select_by_visible_text("My hand is paper.")
+            assert box.get_attribute("value") == "Hello. My hand is paper."
+            click_and_wait(browser, "say")
+            assert texts(browser, "#log li.you .text")[-1] == "<<message_start>>Hello. My hand is paper.<<message_end>>"
+            sent["message"] += 1
+        else:
+            coins = browser.find_element(By.ID, "field-coins")
+            assert (coins.get_attribute("min"), coins.get_attribute("max")) == ("0", "10")
+            coins.clear()
+            coins.send_keys("6")
+            click_and_wait(browser, "propose")
+            assert texts(browser, "#log li.you .text")[-1] == "<<proposal_start>> 6 <<proposal_end>>"
+            assert "you kept 6 coins" in texts(browser, "#log li.round")[-1]
+            sent["coins"] += 1
+        assert browser.find_element(By.ID, "error").text == ""
+    assert sent == {"message": 2, "coins": 2} and chart_rounds(browser) == [2, 2]
+    assert browser.find_element(By.ID, "final").is_displayed()
+
+
+def test_the_rounds_placeholder_is_not_cut(url: str, browser: Any) -> None:
+    from selenium.webdriver.common.by import By
+
+    browser.get(f"{url}/")
+    wait(browser, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "true", 60)
+    text_px, room_px = browser.execute_script("""
+        const i = document.getElementById('rounds'), cs = getComputedStyle(i);
+        const c = document.createElement('canvas').getContext('2d'); c.font = cs.font;
+        return [c.measureText(i.placeholder).width,
+                i.clientWidth - parseFloat(cs.paddingLeft) - parseFloat(cs.paddingRight)];""")
+    assert text_px + 20 <= room_px  # 20 px: Chromium's spin buttons inside a number input
+    assert browser.execute_script("return document.styleSheets.length") == 1
