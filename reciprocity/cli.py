@@ -97,10 +97,10 @@ def serve(
     try:
         config = ServeConfig(str(model.resolve()), parse_adapters(adapter or []), host, port, num_gpus=gpus)
         log = _log_path(Path("runs"), "serve", verbose)
-        if log is not None:
-            typer.echo(f"library logs: {log}")
-        with library_logs_to(log, stdout=False):  # the URL line goes to stdout; Ray Serve's logs to the file
-            code = main(config, address)
+        with library_logs_to(log) as out:  # the URL line to the console; Ray Serve's logs to the file
+            if log is not None:
+                out.write(f"library logs: {log}\n")
+            code = main(config, address, out=out)
     except (ServeError, OSError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None

@@ -21,6 +21,7 @@ import json
 import logging
 import re
 import signal
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -271,8 +272,9 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def main(config: ServeConfig, address: str | None = None) -> int:
-    """`reciprocity serve`: check, deploy, print the URL, serve until interrupted."""
+def main(config: ServeConfig, address: str | None = None, out: Any = None) -> int:
+    """`reciprocity serve`: check, deploy, print the URL (on `out`, default stdout: the real console
+    while the process's own fds go to the log file, reciprocity.quiet), serve until interrupted."""
     from reciprocity.launcher import init_ray
 
     check_adapters(config)  # fail fast, before Ray and a tens-of-seconds engine start
@@ -281,7 +283,8 @@ def main(config: ServeConfig, address: str | None = None) -> int:
     try:
         start(config)
         url = f"http://{config.host}:{config.port}"
-        print(f"serving {', '.join([BASE, *config.adapters])}: play at {url}/ ; OpenAI API at {url}/v1", flush=True)
+        print(f"serving {', '.join([BASE, *config.adapters])}: play at {url}/ ; OpenAI API at {url}/v1",
+              file=out or sys.stdout, flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

@@ -119,7 +119,7 @@ function renderControls(c) {
 function renderChart(points) {
   const svg = $("chart");
   const ns = "http://www.w3.org/2000/svg";
-  const W = 320, H = 120, L = 28, R = 8, T = 8, B = 16;
+  const W = 640, H = 130, L = 34, R = 10, T = 8, B = 16;
   svg.replaceChildren();
   const totals = [[0, 0]];
   for (const [you, agent] of points) {
@@ -142,7 +142,7 @@ function renderChart(points) {
   line({tag: "line", class: "axis", x1: L, y1: T, x2: L, y2: H - B});
   line({tag: "text", x: 2, y: y(top) + 3, text: Math.round(top * 10) / 10});
   line({tag: "text", x: 2, y: y(low), text: Math.round(low * 10) / 10});
-  line({tag: "text", x: W - R - 40, y: H - 3, text: "round " + (totals.length - 1)});
+  line({tag: "text", x: W - R - 44, y: H - 3, text: "round " + (totals.length - 1)});
   ["you", "agent"].forEach((side, k) => {
     line({tag: "polyline", class: side, "data-rounds": totals.length - 1,
           points: totals.map((t, i) => x(i).toFixed(1) + "," + y(t[k]).toFixed(1)).join(" ")});
