@@ -32,6 +32,29 @@ def _log_path(directory: Path, command: str, verbose: bool) -> Path | None:
     return None if verbose else default_log_path(directory, command)
 
 
+def _missing_root(path: Path) -> Path | None:
+    """The highest of `path` and its ancestors that does not exist yet (None: it exists)."""
+    top = None
+    for p in [path, *path.parents]:
+        if p.exists():
+            break
+        top = p
+    return top
+
+
+def _drop_log(log: Path, created: Path | None) -> None:
+    """Remove a refused run's log file and the directories made for it."""
+    log.unlink(missing_ok=True)
+    if created is not None:
+        for d in [log.parent, *log.parent.parents]:
+            try:
+                d.rmdir()
+            except OSError:
+                break
+            if d == created:
+                break
+
+
 model_app = typer.Typer(no_args_is_help=True, help="Prepare the served base model.")
 app.add_typer(model_app, name="model")
 
@@ -127,6 +150,7 @@ def train(
     from reciprocity.train import TrainError, run, run_dir_of
 
     log = _log_path(run_dir_of(cfg, resume), "train", verbose)
+    created = _missing_root(log.parent) if log is not None else None
     try:
         with library_logs_to(log) as out:
             if log is not None:
@@ -138,6 +162,8 @@ def train(
 
                 ray.shutdown()  # its teardown logs go to the file too
     except (ConfigError, TrainError) as e:
+        if isinstance(e, ConfigError) and log is not None:  # refused before anything ran: leave no trace
+            _drop_log(log, created)
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
 
