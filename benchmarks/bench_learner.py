@@ -142,11 +142,15 @@ def main() -> None:
 
 
 def run() -> dict:
+    import dataclasses
+
     import torch
     from transformers import AutoTokenizer
 
     from learner.batch import build_iteration
-    from learner.learner import Learner, LearnerConfig, resolve_dtype
+    from learner.learner import Learner, resolve_dtype
+    from reciprocity.config import Config
+    from reciprocity.train import learner_config
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--games", type=int, default=8)
@@ -165,9 +169,10 @@ def run() -> dict:
 
     tok = AutoTokenizer.from_pretrained(str(MODEL))
     table = make_table(tok, args.games)
-    cfg = LearnerConfig(model_dir=str(MODEL), lora_r=args.lora_r, lora_alpha=2 * args.lora_r, lr=1e-5,
-                        zero_stage=1, dtype=args.dtype, micro_batch_tokens=args.micro_batch_tokens,
-                        credit_method="aa", reward_normaliser=5.0, entropy_coef=0.01, num_threads=args.threads)
+    cfg = dataclasses.replace(learner_config(Config()), model_dir=str(MODEL), lora_r=args.lora_r,
+                              lora_alpha=2 * args.lora_r, lr=1e-5, zero_stage=1, dtype=args.dtype,
+                              micro_batch_tokens=args.micro_batch_tokens, credit_method="aa", reward_normaliser=5.0,
+                              entropy_coef=0.01, num_threads=args.threads)
     learner = Learner(cfg)
     learner.setup()
     bare = BareLoop(MODEL, dtype, args.lora_r, 2 * args.lora_r, 1e-5)

@@ -66,32 +66,36 @@ LOSS_PARTS = ("loss", "loss_pg", "loss_entropy", "loss_kl")  # already divided b
 
 @dataclass
 class LearnerConfig:
+    """What one learner rank needs. The fields a run config sets have no default here: the driver
+    builds this straight from the run config (`reciprocity.train.learner_config`), whose defaults are
+    the only ones; the rest are fixed choices of this learner."""
+
     model_dir: str  # the served base model (HF directory)
-    name: str = "learner"  # adapter name of the exported versions
-    lora_r: int = 32
-    lora_alpha: int = 64
-    lora_target_modules: str | list[str] = "all-linear"
+    name: str  # adapter name of the exported versions
+    lora_r: int
+    lora_alpha: float
+    lora_target_modules: str | list[str]
+    lr: float
+    grad_clip: float
+    zero_stage: int
+    dtype: str  # auto | bfloat16 (bf16) | float32 (fp32): auto = bf16 where the device computes it natively
+    micro_batch_tokens: int  # padded tokens (rows x longest row) per forward/backward
+    guided_logprob: str  # constrained | full: see learner.batch.build_iteration
+    credit_method: str
+    discount: float
+    reward_normaliser: float
+    aa_beta: float
+    aa_gamma: float
+    entropy_coef: float
+    kl_coef: float
+    seed: int
+    num_threads: int | None = None  # torch intra-op threads (None: leave as is)
     lora_dropout: float = 0.0
-    lr: float = 3e-6
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
     weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    zero_stage: int = 1
-    dtype: str = "auto"  # auto | bfloat16 (bf16): bf16 where the device computes it natively, else fp32
-    micro_batch_tokens: int = 4096  # padded tokens (rows x longest row) per forward/backward
     micro_batch_overhead_tokens: int = 256  # price of one more pass, in tokens (padding vs passes)
     gradient_checkpointing: bool = False
-    guided_logprob: str = "constrained"  # constrained | full: see learner.batch.build_iteration
-    credit_method: str = "aa"
-    discount: float = 0.9
-    reward_normaliser: float = 1.0
-    aa_beta: float = 0.5
-    aa_gamma: float = 0.9
-    entropy_coef: float = 0.0
-    kl_coef: float = 0.0
-    seed: int = 0
-    num_threads: int | None = None  # torch intra-op threads (None: leave as is)
     extra_deepspeed: dict[str, Any] = field(default_factory=dict)  # merged into the DeepSpeed config
 
     def __post_init__(self) -> None:
@@ -105,9 +109,7 @@ class LearnerConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LearnerConfig:
-        """Flat keys (the fields of this class), or the driver's nested sections (see `_from_sections`)."""
-        if any(isinstance(v, dict) for k, v in d.items() if k in _SECTIONS):
-            d = _from_sections(d)
+        """From the fields of this class (`dataclasses.asdict` of one); unknown keys are an error."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -117,36 +119,6 @@ class LearnerConfig:
     @property
     def credit(self) -> CreditSpec:
         return CreditSpec(self.credit_method, self.discount, self.reward_normaliser, self.aa_beta, self.aa_gamma)
-
-
-# the driver's config sections -> flat keys; None = a key for the launcher, not the learner
-_SECTIONS: dict[str, dict[str, str | None]] = {
-    "lora": {"r": "lora_r", "alpha": "lora_alpha", "target_modules": "lora_target_modules", "dropout": "lora_dropout"},
-    "method": {"name": "credit_method", "beta": "aa_beta", "gamma": "aa_gamma", "discount": "discount",
-               "reward_normaliser": "reward_normaliser", "entropy_coef": "entropy_coef", "kl_coef": "kl_coef"},
-    "learner": {"zero_stage": "zero_stage", "dtype": "dtype", "lr": "lr", "micro_batch_tokens": "micro_batch_tokens",
-                "grad_clip": "grad_clip", "ranks": None, "cpus_per_rank": None, "gpus_per_rank": None,
-                "num_threads": "num_threads", "gradient_checkpointing": "gradient_checkpointing",
-                "guided_logprob": "guided_logprob"},
-}
-
-
-def _from_sections(d: dict[str, Any]) -> dict[str, Any]:
-    """{"model": dir, "lora": {...}, "method": {...}, "learner": {...}, "seed", "name", "temperature"}
-    -> flat keys. `temperature` is ignored: each trajectory row carries its sampling temperature."""
-    flat: dict[str, Any] = {}
-    for key, value in d.items():
-        if key in _SECTIONS:
-            for sub, v in value.items():
-                if sub not in _SECTIONS[key]:
-                    raise ValueError(f"unknown key {key}.{sub}; valid: {sorted(_SECTIONS[key])}")
-                if _SECTIONS[key][sub] is not None:
-                    flat[_SECTIONS[key][sub]] = v
-        elif key == "model":
-            flat["model_dir"] = value
-        elif key != "temperature":
-            flat[key] = value
-    return flat
 
 
 class TargetLogits(torch.nn.Module):

@@ -52,7 +52,7 @@ from actors.pool import OpponentPool
 from actors.vllm_engine import lora_rank_for
 from actors.worker import MatchSpec, PlayerSpec, RolloutWorker
 from envs.metrics import GameRecord, summarize
-from learner.learner import Learner
+from learner.learner import Learner, LearnerConfig
 from reciprocity import checkpoint, launcher, progress
 from reciprocity.config import Config, ConfigError
 from reciprocity.evaluate import engine_options, sampling_of
@@ -123,16 +123,19 @@ def worker_config(cfg: Config, run_dir: Path, pool: Any, opponent: Any = None, i
     }
 
 
-def learner_config(cfg: Config) -> dict[str, Any]:
-    return {
-        "model": str(Path(cfg.model.path).absolute()),
-        "lora": cfg.lora.model_dump(),
-        "method": cfg.method.model_dump(exclude={"name"}) | {"name": cfg.method.name},
+def learner_config(cfg: Config) -> LearnerConfig:
+    """The learner ranks' config, straight from the run config (whose defaults are the only ones)."""
+    lora, method, learner = cfg.lora, cfg.method, cfg.learner
+    return LearnerConfig(
+        model_dir=str(Path(cfg.model.path).absolute()), name=LEARNER_NAME, seed=cfg.seed,
+        lora_r=lora.r, lora_alpha=lora.alpha, lora_target_modules=lora.target_modules,
+        credit_method=method.name, discount=method.discount, reward_normaliser=method.reward_normaliser,
+        aa_beta=method.beta, aa_gamma=method.gamma, entropy_coef=method.entropy_coef, kl_coef=method.kl_coef,
+        lr=learner.lr, grad_clip=learner.grad_clip, zero_stage=learner.zero_stage, dtype=learner.dtype,
+        micro_batch_tokens=learner.micro_batch_tokens, guided_logprob=learner.guided_logprob,
         # torch intra-op threads = the CPUs Ray gives the rank (oversubscribing 2 cores costs ~20x)
-        "learner": cfg.learner.model_dump() | {"num_threads": max(1, int(cfg.learner.cpus_per_rank))},
-        "seed": cfg.seed,
-        "name": LEARNER_NAME,
-    }
+        num_threads=max(1, int(learner.cpus_per_rank)),
+    )
 
 
 def seed_of(cfg: Config, iteration: int, seed_group: int) -> int:

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import math
 import socket
+from dataclasses import asdict
 
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from support import ipd_table
+from support import ipd_table, learner_config
 
 from learner.learner import Learner, LearnerConfig
 
@@ -23,25 +24,34 @@ def test_config_rejects_unknown_and_invalid_keys() -> None:
     with pytest.raises(ValueError, match="unknown learner config key"):
         LearnerConfig.from_dict({"model_dir": "x", "lora_rank": 8})
     with pytest.raises(ValueError, match="zero_stage"):
-        LearnerConfig(model_dir="x", zero_stage=4)
+        learner_config("x", zero_stage=4)
     with pytest.raises(ValueError, match="credit_method"):
-        LearnerConfig(model_dir="x", credit_method="selfish")
+        learner_config("x", credit_method="selfish")
+    with pytest.raises(TypeError, match="missing"):  # no second set of defaults: the run config's are the only ones
+        LearnerConfig(model_dir="x")  # type: ignore[call-arg]
 
 
-def test_config_from_driver_sections() -> None:
-    cfg = LearnerConfig.from_dict({
-        "model": "/m", "name": "learner", "seed": 3, "temperature": 1.0,
-        "lora": {"r": 8, "alpha": 16.0, "target_modules": "all-linear"},
-        "method": {"name": "aa", "beta": 0.5, "gamma": 0.9, "discount": 0.9, "reward_normaliser": 5.0,
-                   "entropy_coef": 0.01, "kl_coef": 0.0},
-        "learner": {"ranks": 2, "cpus_per_rank": 1.0, "gpus_per_rank": 0.0, "zero_stage": 2, "dtype": "bf16",
-                    "lr": 1e-4, "micro_batch_tokens": 8192, "grad_clip": 1.0},
+def test_config_built_straight_from_the_run_config() -> None:
+    from reciprocity.config import Config
+    from reciprocity.train import learner_config as from_run_config
+
+    run = Config.model_validate({
+        "model": {"path": "/m"}, "seed": 3, "lora": {"r": 16, "alpha": 32.0},
+        "method": {"name": "sum", "reward_normaliser": 7.0, "entropy_coef": 0.01},
+        "learner": {"ranks": 2, "cpus_per_rank": 2.0, "zero_stage": 2, "dtype": "bf16", "lr": 1e-4,
+                    "micro_batch_tokens": 4096, "guided_logprob": "full"},
     })
+    cfg = from_run_config(run)
     assert (cfg.model_dir, cfg.lora_r, cfg.lora_alpha, cfg.credit_method, cfg.zero_stage, cfg.dtype) == (
-        "/m", 8, 16.0, "aa", 2, "bf16")
-    assert cfg.credit.normaliser == 5.0 and cfg.entropy_coef == 0.01 and cfg.seed == 3
-    with pytest.raises(ValueError, match="learner.lr_schedule"):
-        LearnerConfig.from_dict({"model": "/m", "learner": {"lr_schedule": "cosine"}})
+        "/m", 16, 32.0, "sum", 2, "bf16")
+    assert cfg.credit.normaliser == 7.0 and cfg.entropy_coef == 0.01 and cfg.seed == 3 and cfg.num_threads == 2
+    assert (cfg.lr, cfg.micro_batch_tokens, cfg.guided_logprob, cfg.name) == (1e-4, 4096, "full", "learner")
+    default = from_run_config(Config())  # every default comes from the run config
+    assert (default.lora_r, default.lr, default.zero_stage, default.reward_normaliser) == (
+        Config().lora.r, Config().learner.lr, Config().learner.zero_stage, Config().method.reward_normaliser)
+    assert LearnerConfig.from_dict(asdict(cfg)) == cfg  # what a rank receives as a plain dict
+    with pytest.raises(ValueError, match="unknown learner config key"):  # nested run-config sections are not read
+        LearnerConfig.from_dict({**asdict(cfg), "learner": {"lr": 1.0}})
 
 
 def _lora_state(learner: Learner) -> dict[str, torch.Tensor]:
@@ -58,8 +68,8 @@ def test_learner_trains_exports_and_checkpoints(tiny_model_dir, tokenizer, tmp_p
     from learner.export import load_adapter_weights, probe_logprobs
 
     table = ipd_table(tokenizer, n_games=6, seed=0, group_size=2)  # guided: constraints exercised
-    cfg = LearnerConfig(model_dir=str(tiny_model_dir), zero_stage=1, entropy_coef=0.01, kl_coef=0.01,
-                        credit_method="aa", reward_normaliser=5.0, **TINY)
+    cfg = learner_config(tiny_model_dir, zero_stage=1, entropy_coef=0.01, kl_coef=0.01,
+                         credit_method="aa", reward_normaliser=5.0, **TINY)
     learner = Learner(cfg)
     v0 = learner.export()
     before = _lora_state(learner)
@@ -104,7 +114,7 @@ def test_zero3_trains_and_exports_gathered_weights(tiny_model_dir, tokenizer) ->
     from safetensors.torch import load
 
     table = ipd_table(tokenizer, n_games=2, seed=2, guided=False)
-    learner = Learner(LearnerConfig(model_dir=str(tiny_model_dir), zero_stage=3, kl_coef=0.01, **TINY))
+    learner = Learner(learner_config(tiny_model_dir, zero_stage=3, kl_coef=0.01, reward_normaliser=1.0, **TINY))
     metrics = learner.train_step([table])
     assert math.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
     weights = load(learner.export().data)
@@ -151,8 +161,8 @@ def test_two_ranks_zero2_equal_one_rank(tiny_model_dir, tokenizer) -> None:
 
     table = ipd_table(tokenizer, n_games=6, seed=1, group_size=3)
     # 600 tokens: 3 micro-batches of 4 rows, so rank 1 runs one real pass and one empty (dummy) pass
-    config = dict(model_dir=str(tiny_model_dir), zero_stage=2, credit_method="sum", reward_normaliser=5.0,
-                  **{**TINY, "micro_batch_tokens": 600})
+    config = asdict(learner_config(tiny_model_dir, zero_stage=2, credit_method="sum", reward_normaliser=5.0,
+                                   **{**TINY, "micro_batch_tokens": 600}))
     one, m1 = _run(1, config, table, steps=2)
     two, m2 = _run(2, config, table, steps=2)
     assert (m1[0]["micro_batches"], m2[0]["micro_batches"]) == (3, 2)  # split, with one dummy pass
