@@ -248,3 +248,12 @@ def learner_config(model_dir: Path | str, **overrides: Any) -> Any:
     from reciprocity.train import learner_config as from_run_config
 
     return dataclasses.replace(from_run_config(Config()), model_dir=str(model_dir), **overrides)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -6,23 +6,17 @@ and the game sessions' JSON API on the real engine."""
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from support import free_port
 from vllm_support import make_adapter
 
 pytestmark = pytest.mark.slow
 IPD = "(<A>|<B>)"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,7 @@ def injecting_engine(config: Any) -> Any:
 def url(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     import ray
     from ray import serve
-    from test_serve import free_port
+    from support import free_port
 
     from reciprocity.serve import ServeConfig, start
 
