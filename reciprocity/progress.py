@@ -19,9 +19,18 @@ import time
 from typing import Any
 
 from rich.console import Console
+from rich.live import Live
 from rich.progress import BarColumn, Progress, TextColumn
+from rich.spinner import Spinner
 
 POLL_S = 1.0  # seconds between polls of the actors while the driver waits
+
+
+def spinner(console: Console, text: str) -> Live:
+    """A transient spinner line (rich's `console.status`, without its redirection of sys.stdout and
+    sys.stderr, which would send library logs to the console while it spins)."""
+    return Live(Spinner("dots", text=text), console=console, transient=True, refresh_per_second=8,
+                redirect_stdout=False, redirect_stderr=False)
 
 
 def eta_seconds(done: int, total: int, iteration_seconds: list[float], in_iteration_s: float) -> float | None:
@@ -85,9 +94,11 @@ class RunProgress(Silent):
         self.name, self.detail, self.phase_total = "", "", None
         self._bars: Progress | None = None
         if self.live:
+            # no redirection of sys.stdout/sys.stderr: a library's handler bound while the rows show
+            # would print through the console instead of into the log file
             self._bars = Progress(TextColumn("{task.description:>10}"), BarColumn(bar_width=30),
                                   TextColumn("{task.fields[detail]}"), console=console, refresh_per_second=4,
-                                  transient=True)
+                                  transient=True, redirect_stdout=False, redirect_stderr=False)
             self._run = self._bars.add_task("run", total=total, completed=done, detail="")
             self._phase = self._bars.add_task("", total=None, detail="")
             self._bars.start()

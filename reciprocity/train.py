@@ -675,7 +675,7 @@ def _run(cfg: Config, address: str | None, resume: Path | None) -> list[dict[str
     starting = "starting Ray, the learner and the rollout workers (about a minute on CPU)"
     if not console.is_terminal:  # a status spinner shows nothing there
         console.print(starting, highlight=False)
-    with console.status(starting):
+    with progress.spinner(console, starting):
         trainer = Trainer(cfg, address=address, resume=resume)
     status = "FAILED"
     try:
@@ -696,7 +696,7 @@ def _run(cfg: Config, address: str | None, resume: Path | None) -> list[dict[str
         status = "FINISHED"
     finally:
         trainer.tracker.finish(status)
-        with console.status("shutting down the workers"):
+        with progress.spinner(console, "shutting down the workers"):
             trainer.close()
     _summary(cfg, trainer)
     return trainer.history

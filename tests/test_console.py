@@ -22,7 +22,7 @@ from reciprocity import progress, quiet
 FOREIGN = re.compile(
     r"^\s*(INFO|WARNING|ERROR|DEBUG|CRITICAL)\b"
     r"|\b(INFO|WARNING|ERROR|DEBUG) \d\d-\d\d \d\d:\d\d"  # vLLM: "INFO 12-02 06:21:02 [file.py:12]"
-    r"|^\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d[,.]\d+\s+(INFO|WARNING|ERROR|DEBUG)"  # Ray, DeepSpeed, logging
+    r"|\d{4}[-/]\d\d[-/]\d\d[ T]\d\d:\d\d:\d\d([,.]\d+)?\s+(INFO|WARNING|ERROR|DEBUG)"  # Ray, MLflow, logging
     r"|\((\w+ )?pid=\d+"  # Ray's worker prefix: "(RolloutWorker pid=123)", "(pid=123)"
     r"|\[rank\d+\]|\[(INFO|WARNING)\]"
     r"|\b\w*Warning: "  # warnings.warn: "FutureWarning: ..."
@@ -133,7 +133,7 @@ def screen_lines(chunks: list[tuple[float, str]]) -> list[str]:
 def test_train_on_a_terminal_shows_only_its_own_lines_and_live_progress(tiny_model_dir: Path,
                                                                          tmp_path: Path) -> None:
     overrides = [*tiny_overrides(tiny_model_dir, tmp_path), "iterations=1", "checkpoint.every=1",
-                 "rollout.games_per_iteration=8"]
+                 "rollout.games_per_iteration=48"]  # 6 waves of 8 games: a rollout of several polls
     chunks = _run_on_a_pty([sys.executable, "-m", "reciprocity", "train", "--config", "configs/smoke.yaml",
                             *overrides], ROOT, timeout_s=900)
     (tmp_path / "console.txt").write_text("".join(c for _, c in chunks))
