@@ -81,6 +81,7 @@ class LearnerConfig:
     dtype: str  # auto | bfloat16 (bf16) | float32 (fp32): auto = bf16 where the device computes it natively
     micro_batch_tokens: int  # padded tokens (rows x longest row) per forward/backward
     guided_logprob: str  # constrained | full: see learner.batch.build_iteration
+    gradient_checkpointing: bool
     credit_method: str
     discount: float
     reward_normaliser: float
@@ -95,7 +96,6 @@ class LearnerConfig:
     adam_eps: float = 1e-8
     weight_decay: float = 0.0
     micro_batch_overhead_tokens: int = 256  # price of one more pass, in tokens (padding vs passes)
-    gradient_checkpointing: bool = False
     extra_deepspeed: dict[str, Any] = field(default_factory=dict)  # merged into the DeepSpeed config
 
     def __post_init__(self) -> None:

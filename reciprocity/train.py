@@ -133,6 +133,7 @@ def learner_config(cfg: Config) -> LearnerConfig:
         aa_beta=method.beta, aa_gamma=method.gamma, entropy_coef=method.entropy_coef, kl_coef=method.kl_coef,
         lr=learner.lr, grad_clip=learner.grad_clip, zero_stage=learner.zero_stage, dtype=learner.dtype,
         micro_batch_tokens=learner.micro_batch_tokens, guided_logprob=learner.guided_logprob,
+        gradient_checkpointing=learner.gradient_checkpointing,
         # torch intra-op threads = the CPUs Ray gives the rank (oversubscribing 2 cores costs ~20x)
         num_threads=max(1, int(learner.cpus_per_rank)),
     )

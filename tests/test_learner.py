@@ -39,13 +39,14 @@ def test_config_built_straight_from_the_run_config() -> None:
         "model": {"path": "/m"}, "seed": 3, "lora": {"r": 16, "alpha": 32.0},
         "method": {"name": "sum", "reward_normaliser": 7.0, "entropy_coef": 0.01},
         "learner": {"ranks": 2, "cpus_per_rank": 2.0, "zero_stage": 2, "dtype": "bf16", "lr": 1e-4,
-                    "micro_batch_tokens": 4096, "guided_logprob": "full"},
+                    "micro_batch_tokens": 4096, "guided_logprob": "full", "gradient_checkpointing": True},
     })
     cfg = from_run_config(run)
     assert (cfg.model_dir, cfg.lora_r, cfg.lora_alpha, cfg.credit_method, cfg.zero_stage, cfg.dtype) == (
         "/m", 16, 32.0, "sum", 2, "bf16")
     assert cfg.credit.normaliser == 7.0 and cfg.entropy_coef == 0.01 and cfg.seed == 3 and cfg.num_threads == 2
     assert (cfg.lr, cfg.micro_batch_tokens, cfg.guided_logprob, cfg.name) == (1e-4, 4096, "full", "learner")
+    assert cfg.gradient_checkpointing and not from_run_config(Config()).gradient_checkpointing
     default = from_run_config(Config())  # every default comes from the run config
     assert (default.lora_r, default.lr, default.zero_stage, default.reward_normaliser) == (
         Config().lora.r, Config().learner.lr, Config().learner.zero_stage, Config().method.reward_normaliser)
