@@ -343,8 +343,17 @@ def main(
         out = out or Path(cfg.runs_dir) / "eval" / f"{game}-{time.strftime('%Y%m%d-%H%M%S')}"
         if not specs:
             raise AgentSpecError("no agents given: reciprocity evaluate --game G --agents A B ...")
+        # everything that can be refused is checked before the engine phase (and its log-file line)
+        agents = resolve(game, specs, cfg)
+        envs.make(game, **opts)
+        if parent_run:
+            from mlflow.tracking import MlflowClient
+
+            from reciprocity.tracking import tracking_uri
+
+            MlflowClient(tracking_uri(cfg)).get_run(parent_run)
         with stdout_to_stderr():
-            result = evaluate(game, specs, games, cfg=cfg, seed=seed, options=opts, out=out, parent_run=parent_run)
+            result = evaluate(game, agents, games, cfg=cfg, seed=seed, options=opts, out=out, parent_run=parent_run)
     except (AgentSpecError, envs.EnvConfigError, ConfigError, MlflowException) as e:
         line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"error: {line}", file=sys.stderr)

@@ -18,8 +18,8 @@ import pyarrow as pa
 
 CURVES: dict[str, tuple[str, ...]] = {
     "ipd": ("cooperation_rate", "p_coop_given_opp_coop", "p_coop_given_opp_defect"),
-    "split_nocomm": ("efficiency",),
-    "trust_and_split": ("efficiency",),
+    "split_nocomm": ("efficiency", "fairness"),
+    "trust_and_split": ("efficiency", "fairness", "honest_claim_rate"),
 }
 RETURN = "return_per_round"
 SIDES = (f"learner_{RETURN}", f"opponent_{RETURN}")
