@@ -73,12 +73,14 @@ def parse_split(text: str) -> tuple[tuple[int, int, int], bool]:
 MESSAGE_CHARS = 500
 MESSAGE_START, MESSAGE_END = "<<message_start>>", "<<message_end>>"
 PROPOSAL_START, PROPOSAL_END = "<<proposal_start>>", "<<proposal_end>>"
-MESSAGE_REGEX = f"{MESSAGE_START}[^<>]{{0,{MESSAGE_CHARS}}}{MESSAGE_END}"
 
 
 def message_regex(chars: int = MESSAGE_CHARS) -> str:
     """The guided format of a message of at most `chars` characters (MESSAGE_REGEX at the default)."""
     return f"{MESSAGE_START}[^<>]{{0,{int(chars)}}}{MESSAGE_END}"
+
+
+MESSAGE_REGEX = message_regex()
 PROPOSAL_REGEX = f"{PROPOSAL_START} (10|[0-9]) {PROPOSAL_END}"
 _MESSAGE = re.compile(rf"{MESSAGE_START}((?:(?!{MESSAGE_START}|{MESSAGE_END}).)*){MESSAGE_END}", re.DOTALL)
 _PROPOSAL = re.compile(rf"{PROPOSAL_START}\s*(10|[0-9])\s*{PROPOSAL_END}")

@@ -28,7 +28,7 @@ from envs.parsing import (
     parse_proposal,
 )
 
-MAX_TOKENS = {"message": 256, "proposal": 32}  # at the default message cap of 500 characters
+PROPOSAL_MAX_TOKENS = 32
 
 
 def message_max_tokens(chars: int) -> int:
@@ -130,7 +130,7 @@ class TrustAndSplit(TextGame):
         return PROPOSAL_REGEX if self._phase == 2 else message_regex(self.options["message_chars"])
 
     def _max_tokens(self, seat: int) -> int:
-        return MAX_TOKENS["proposal"] if self._phase == 2 else message_max_tokens(self.options["message_chars"])
+        return PROPOSAL_MAX_TOKENS if self._phase == 2 else message_max_tokens(self.options["message_chars"])
 
     def _valid(self, seat: int, text: str) -> bool:
         return parse_proposal(text)[1] if self._phase == 2 else parse_message(text, self.options["message_chars"])[1]
