@@ -90,7 +90,8 @@ class LearnerConfig:
     entropy_coef: float
     kl_coef: float
     seed: int
-    num_threads: int | None = None  # torch intra-op threads (None: leave as is)
+    # torch intra-op threads: a count, "node" (this node's cores shared among the ranks) or None (leave as is)
+    num_threads: int | str | None = None
     lora_dropout: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
@@ -188,7 +189,7 @@ class Learner:
 
         cfg = self.config
         if cfg.num_threads:
-            torch.set_num_threads(cfg.num_threads)
+            torch.set_num_threads(node_threads(self.world_size) if cfg.num_threads == "node" else int(cfg.num_threads))
         master = master_address or self._master or (self.master_address() if self.world_size == 1 else None)
         if master is None:
             raise RuntimeError("world_size > 1: call setup(rank0.master_address()) on every rank")
@@ -438,6 +439,12 @@ class Learner:
             raise FileNotFoundError(f"no learner checkpoint at {path}")
         self.version = int(client["version"])
         return self.version
+
+
+def node_threads(ranks: int) -> int:
+    """The cores this process may run on, shared among ``ranks`` ranks (ranks are packed on one node
+    on a laptop; across nodes this undercounts, which only costs speed)."""
+    return max(1, len(os.sched_getaffinity(0)) // max(1, ranks))
 
 
 def resolve_dtype(name: str) -> torch.dtype:

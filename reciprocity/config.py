@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -107,6 +107,10 @@ class Learner(Section):
     # recompute each layer's activations in the backward pass: less memory (long negotiation chats)
     # for ~30 % more learner compute; the gradients are the same
     gradient_checkpointing: bool = False
+    # torch threads of a rank. auto: in sync mode the cores of the rank's node shared among the ranks
+    # (rollout and learning never overlap, so the learner may use the engine's core too: Ray's logical
+    # CPUs are oversubscribed on purpose); in async mode int(cpus_per_rank). sysdesign/learner.md
+    threads: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     grad_clip: float = Field(1.0, gt=0)
 
 

@@ -134,9 +134,18 @@ def learner_config(cfg: Config) -> LearnerConfig:
         lr=learner.lr, grad_clip=learner.grad_clip, zero_stage=learner.zero_stage, dtype=learner.dtype,
         micro_batch_tokens=learner.micro_batch_tokens, guided_logprob=learner.guided_logprob,
         gradient_checkpointing=learner.gradient_checkpointing,
-        # torch intra-op threads = the CPUs Ray gives the rank (oversubscribing 2 cores costs ~20x)
-        num_threads=max(1, int(learner.cpus_per_rank)),
+        num_threads=learner_threads(cfg),
     )
+
+
+def learner_threads(cfg: Config) -> int | str:
+    """A rank's torch threads: the explicit count; in sync mode "node" (the node's cores shared among
+    the ranks: the engine idles while the learner learns); in async mode the CPUs Ray gives the rank,
+    because there the engine rolls out beside the learner (oversubscribed threads cost ~20x)."""
+    threads = cfg.learner.threads
+    if threads != "auto":
+        return threads
+    return "node" if cfg.mode == "sync" else max(1, int(cfg.learner.cpus_per_rank))
 
 
 def seed_of(cfg: Config, iteration: int, seed_group: int) -> int:

@@ -4,6 +4,7 @@ versions that round-trip exactly, checkpoints, and 2 ranks (ZeRO-2) equal 1 rank
 from __future__ import annotations
 
 import math
+import os
 import socket
 from dataclasses import asdict
 
@@ -44,7 +45,7 @@ def test_config_built_straight_from_the_run_config() -> None:
     cfg = from_run_config(run)
     assert (cfg.model_dir, cfg.lora_r, cfg.lora_alpha, cfg.credit_method, cfg.zero_stage, cfg.dtype) == (
         "/m", 16, 32.0, "sum", 2, "bf16")
-    assert cfg.credit.normaliser == 7.0 and cfg.entropy_coef == 0.01 and cfg.seed == 3 and cfg.num_threads == 2
+    assert cfg.credit.normaliser == 7.0 and cfg.entropy_coef == 0.01 and cfg.seed == 3
     assert (cfg.lr, cfg.micro_batch_tokens, cfg.guided_logprob, cfg.name) == (1e-4, 4096, "full", "learner")
     assert cfg.gradient_checkpointing and not from_run_config(Config()).gradient_checkpointing
     default = from_run_config(Config())  # every default comes from the run config
@@ -53,6 +54,25 @@ def test_config_built_straight_from_the_run_config() -> None:
     assert LearnerConfig.from_dict(asdict(cfg)) == cfg  # what a rank receives as a plain dict
     with pytest.raises(ValueError, match="unknown learner config key"):  # nested run-config sections are not read
         LearnerConfig.from_dict({**asdict(cfg), "learner": {"lr": 1.0}})
+
+
+def test_learner_threads_take_the_node_in_sync_mode_and_the_ray_cpus_in_async_mode() -> None:
+    from learner.learner import node_threads
+    from reciprocity.config import Config
+    from reciprocity.train import learner_config as from_run_config
+
+    def threads(mode: str, **learner: object) -> object:
+        run = Config.model_validate({"mode": mode, "learner": {"cpus_per_rank": 1.0, **learner}})
+        return from_run_config(run).num_threads
+
+    assert threads("sync") == "node"  # the engine idles while the learner learns: all the cores
+    assert threads("async") == 1  # the engine rolls out beside it: only the CPUs Ray gives the rank
+    assert threads("async", cpus_per_rank=3.0) == 3
+    assert threads("sync", threads=1) == 1 and threads("async", threads=2) == 2  # an explicit count wins
+    with pytest.raises(ValueError, match="threads"):
+        Config.model_validate({"learner": {"threads": 0}})
+    cores = len(os.sched_getaffinity(0))
+    assert node_threads(1) == cores and node_threads(2) == max(1, cores // 2) and node_threads(10**6) == 1
 
 
 def _lora_state(learner: Learner) -> dict[str, torch.Tensor]:
