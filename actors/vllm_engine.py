@@ -74,6 +74,7 @@ class _Served:
 class EngineStats:
     requests: int = 0
     prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0  # of prompt_tokens, found in the prefix cache (not recomputed)
     generated_tokens: int = 0
     request_seconds: float = 0.0  # summed request latency
     adapters_loaded: int = 0
@@ -262,7 +263,7 @@ class VLLMEngine:
         token_ids = list(out.token_ids)
         logprobs = [float(entry[tok].logprob) for entry, tok in zip(out.logprobs or [], token_ids, strict=True)]
         seconds = time.perf_counter() - t0
-        self._record(adapter, len(prompt_token_ids), len(token_ids), seconds)
+        self._record(adapter, len(prompt_token_ids), len(token_ids), seconds, final.num_cached_tokens or 0)
         meta = {"seconds": seconds, "request_id": final.request_id, "prompt_tokens": len(prompt_token_ids)}
         return Generation(token_ids, logprobs, out.text, adapter, out.finish_reason, meta)
 
@@ -296,10 +297,12 @@ class VLLMEngine:
         if served.inflight == 0:
             served.idle.set()
 
-    def _record(self, adapter: str | None, prompt_tokens: int, generated: int, seconds: float) -> None:
+    def _record(self, adapter: str | None, prompt_tokens: int, generated: int, seconds: float,
+                cached: int = 0) -> None:
         self.served[adapter] += 1
         self.stats.requests += 1
         self.stats.prompt_tokens += prompt_tokens
+        self.stats.cached_prompt_tokens += cached
         self.stats.generated_tokens += generated
         self.stats.request_seconds += seconds
 
@@ -428,6 +431,7 @@ class VLLMEngine:
         return {
             "requests": s.requests,
             "prompt_tokens": s.prompt_tokens,
+            "cached_prompt_tokens": s.cached_prompt_tokens,
             "generated_tokens": s.generated_tokens,
             "request_seconds": s.request_seconds,
             "adapters_loaded": s.adapters_loaded,

@@ -1,42 +1,167 @@
-"""Time per training iteration split by phase, for configs/smoke.yaml (SmolLM2 on CPU).
+"""Time, CPU use and memory per training iteration, by phase, for configs/smoke.yaml (SmolLM2 on CPU).
 
-Prints one JSON object: mean seconds per phase over the iterations after the first (warm-up),
-and `overhead_ratio`, the share of an iteration spent outside generation (the worker's match
-time) and learner compute (forward/backward + optimizer step): planning, adapter sync, transfer,
-tensor building, export, publish and probe, logging. Target < 0.10.
+Prints one JSON object (last line). Per layout:
+- seconds per phase (rollout, learn, publish, evaluate, checkpoint), mean over the iterations after
+  the first (warm-up), and `overhead_ratio`: the share of an iteration outside generation (the
+  worker's match time) and learner compute (forward/backward + optimizer step). Target < 0.10.
+- `cpu_util_*`: CPU seconds of the run's processes (this process and every descendant: Ray, the
+  workers, the vLLM engine processes, the learner) over wall seconds x cores, per phase and over
+  whole iterations; `machine_util_*` the same from /proc/stat for every process on the machine.
+- `engine_flops_over_peak`: the engine's achieved FLOP/s in the rollout phase over the measured
+  matmul peak at the engine's threads (vLLM's CPU worker runs one OpenMP thread on one core, the
+  other core reserved for its front end). FLOPs = 2 x parameters x (prefill tokens actually
+  computed + decode tokens), the token counts from the engine's own statistics (prompt tokens minus
+  prefix-cache hits); attention left out, so it is a lower bound.
+- `learner_peak_rss_gb`: the learner rank's peak resident memory, sampled every 0.2 s.
 
-    python benchmarks/bench_iteration.py [--iterations 3] [key.sub=value ...]
+    python benchmarks/bench_iteration.py [--iterations 3] [--compare] [key.sub=value ...]
+
+`--compare` runs the previous layout (`learner.threads=1`: one thread per phase) and the new
+default back to back on the same machine and adds `seconds_iteration_new_over_previous_ratio`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
+import threading
 import time
+from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
+CORES = len(os.sched_getaffinity(0))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--iterations", type=int, default=3)
-    ap.add_argument("overrides", nargs="*")
-    args = ap.parse_args()
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) jiffies of every CPU, from /proc/stat."""
+    fields = [float(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+class TreeMeter:
+    """CPU seconds of this process and its descendants (exited ones keep their last reading), and
+    the peak RSS of the learner rank, sampled in a thread."""
+
+    def __init__(self) -> None:
+        self.me = psutil.Process()
+        self.cpu: dict[int, float] = {}
+        self.learner_peak = 0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def sample(self) -> float:
+        with self._lock:
+            for p in [self.me, *self.me.children(recursive=True)]:
+                try:
+                    t = p.cpu_times()
+                    self.cpu[p.pid] = t.user + t.system
+                    if "Learner" in " ".join(p.cmdline()[:1]):
+                        self.learner_peak = max(self.learner_peak, p.memory_info().rss)
+                except psutil.Error:
+                    pass
+            return sum(self.cpu.values())
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.2):
+            self.sample()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def recorder(meter: TreeMeter) -> Any:
+    from reciprocity import progress
+
+    class Recorder(progress.Silent):
+        """A progress view that records wall time, tree CPU and machine CPU of every phase."""
+
+        def __init__(self) -> None:
+            self.phases: list[dict[str, Any]] = []  # one dict per iteration: phase -> [wall, cpu, busy, total]
+            self.open: tuple[str, float, float, float, float] | None = None
+
+        def start_iteration(self, iteration: int) -> None:
+            self.phases.append(defaultdict(lambda: np.zeros(4)))
+
+        def _close(self) -> None:
+            if self.open is not None and self.phases:
+                name, t, cpu, busy, total = self.open
+                b, tt = machine_busy()
+                self.phases[-1][name] += (time.perf_counter() - t, meter.sample() - cpu, b - busy, tt - total)
+            self.open = None
+
+        def phase(self, name: str, total: float | None = None, detail: str = "") -> None:
+            self._close()
+            self.open = (name.split(" ")[0], time.perf_counter(), meter.sample(), *machine_busy())
+
+        def end_iteration(self, line: str) -> None:
+            self._close()
+
+    return Recorder()
+
+
+def engine_peak(threads: int = 1) -> float:
+    """Measured bf16 matmul FLOP/s at the engine's thread count (the engine computes in bf16)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        n = 1024
+        a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
+        a @ b
+        t, reps = time.perf_counter(), 4
+        for _ in range(reps):
+            a @ b
+        return 2 * n**3 * reps / (time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(before)
+
+
+def model_params(path: Path) -> int:
+    cfg = json.loads((path / "config.json").read_text())
+    h, layers, inter, vocab = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"], cfg["vocab_size"]
+    kv = h // cfg["num_attention_heads"] * cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+    return layers * (2 * h * h + 2 * h * kv + 3 * h * inter) + vocab * h  # linear layers + lm_head
+
+
+def measure(iterations: int, overrides: list[str]) -> dict[str, Any]:
+    import ray
+
     from reciprocity.config import load_config
-    from reciprocity.train import run
+    from reciprocity.train import Trainer
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-iteration-"))
     cfg = load_config(ROOT / "configs/smoke.yaml", [
-        f"iterations={args.iterations}", f"runs_dir={tmp}", f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
-        "checkpoint.every=0", "run_name=bench", *args.overrides])
+        f"iterations={iterations}", f"runs_dir={tmp}", f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
+        "checkpoint.every=0", "run_name=bench", *overrides])
+    meter = TreeMeter()
     t0 = time.perf_counter()
-    history = run(cfg)
+    trainer = Trainer(cfg)
+    startup = time.perf_counter() - t0
+    view = trainer.view = recorder(meter)
+    status = "FAILED"
+    try:
+        history = list(trainer.iterations())
+        engines = [s.get("engine", {}) for s in ray.get([w.stats.remote() for w in trainer.workers])]
+        status = "FINISHED"
+    finally:
+        trainer.tracker.finish(status)
+        trainer.close()
+        meter.close()
     wall = time.perf_counter() - t0
     warm = history[1:] or history
+    phases = view.phases[1:] or view.phases
 
     def mean(key: str) -> float:
         return float(np.mean([h.get(key, 0.0) for h in warm]))
@@ -44,11 +169,11 @@ def main() -> None:
     iteration = mean("seconds/iteration")
     generation = mean("rollout/worker_seconds_max")
     compute = mean("learner/time_forward_backward_s") + mean("learner/time_step_s")
-    out = {
-        "name": "iteration",
-        "config": "configs/smoke.yaml",
+    out: dict[str, Any] = {
+        "overrides": overrides,
         "iterations": len(history),
         "games_per_iteration": cfg.rollout.games_per_iteration,
+        "seconds_startup": startup,
         "seconds_iteration": iteration,
         "seconds_rollout": mean("seconds/rollout"),
         "seconds_generation": generation,
@@ -61,9 +186,48 @@ def main() -> None:
         "rollout_tokens_per_s": mean("rollout/tokens_per_s"),
         "learner_tokens_per_s": mean("learner/tokens_per_s"),
         "overhead_ratio": (iteration - generation - compute) / iteration,
-        "overhead_target_ratio": (iteration - generation - compute) / iteration / 0.10,
-        "wall_seconds_total": wall,
+        "learner_peak_rss_gb": meter.learner_peak / 2**30,
+        "cores": CORES,
     }
+    totals = np.zeros(4)
+    for name in sorted({n for p in phases for n in p}):
+        wall_s, cpu_s, busy, total = np.sum([p[name] for p in phases if name in p], axis=0)
+        totals += (wall_s, cpu_s, busy, total)
+        out[f"seconds_phase_{name}"] = wall_s / len(phases)
+        out[f"cpu_util_{name}"] = cpu_s / (wall_s * CORES) if wall_s else 0.0
+        out[f"machine_util_{name}"] = busy / total if total else 0.0
+    out["cpu_util_iteration"] = totals[1] / (totals[0] * CORES) if totals[0] else 0.0
+    out["machine_util_iteration"] = totals[2] / totals[3] if totals[3] else 0.0
+    prompt = sum(e.get("prompt_tokens", 0) for e in engines)
+    cached = sum(e.get("cached_prompt_tokens", 0) for e in engines)
+    decoded = sum(e.get("generated_tokens", 0) for e in engines)
+    rollout_s = sum(h.get("seconds/rollout", 0.0) for h in history)
+    if prompt:
+        flops = 2 * model_params(Path(cfg.model.path)) * (prompt - cached + decoded)
+        peak = engine_peak(1)
+        out.update({"engine_prompt_tokens": prompt, "engine_cached_prompt_tokens": cached,
+                    "engine_decode_tokens": decoded, "engine_tflop_s": flops / rollout_s / 1e12,
+                    "engine_peak_bf16_1_thread_tflop_s": peak / 1e12,
+                    "engine_flops_over_peak": flops / rollout_s / peak})
+    out["wall_seconds_total"] = wall
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--iterations", type=int, default=3)
+    ap.add_argument("--compare", action="store_true", help="previous layout (learner.threads=1), then the default")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    out: dict[str, Any] = {"name": "iteration", "config": "configs/smoke.yaml"}
+    if args.compare:
+        previous = measure(args.iterations, ["learner.threads=1", *args.overrides])
+        new = measure(args.iterations, list(args.overrides))
+        ratio = {f"seconds_{k}_new_over_previous_ratio": new[f"seconds_{k}"] / previous[f"seconds_{k}"]
+                 for k in ("iteration", "learn")}
+        out.update({"previous": previous, "new": new, **ratio})
+    else:
+        out.update(measure(args.iterations, list(args.overrides)))
     print(json.dumps(out))
 
 

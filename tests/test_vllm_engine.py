@@ -485,6 +485,13 @@ def test_served_record_shows_no_base_model_request(
     assert engine.served[key] == key_before + 12
     m = engine.metrics()
     assert m["requests"] >= 12 and m["generated_tokens"] >= 48 and m["served"][key] == 12
+    # prefix-cache hits are counted: a 160-token prompt again finds its first block (128 tokens on CPU)
+    long = [*PROMPT * 20]
+    loop.run(engine.generate(long, Sampling(max_tokens=1), key))
+    cached = engine.metrics()["cached_prompt_tokens"]
+    loop.run(engine.generate(long, Sampling(max_tokens=1), key))
+    m = engine.metrics()
+    assert m["cached_prompt_tokens"] - cached >= 128 and m["cached_prompt_tokens"] <= m["prompt_tokens"]
     loop.run(engine.unload_adapter(key))
 
 
