@@ -1,13 +1,18 @@
-"""Adapter versions: the unit the learner publishes and the engines serve.
+"""Adapter versions: the unit the learner publishes and the engines serve, and their references.
 
 A version is immutable: a name, an integer version, the sha256 of its safetensors bytes, the
 bytes themselves, the PEFT ``adapter_config.json`` as a dict, and a fidelity probe (token ids and
 the learner's log-probs of them) that an engine re-computes after loading to prove it serves
 exactly these weights.
+
+An `AdapterRef` is a version by reference (metadata and the store path of its bytes): the learner
+writes each version's bytes once into an `AdapterStore` under the run dir, and only refs travel
+through the pool, the driver and checkpoints; each rollout worker reads the bytes it lacks itself.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -93,3 +98,112 @@ class AdapterVersion:
         except (OSError, json.JSONDecodeError) as e:
             raise AdapterError(f"cannot read adapter at {path}: {e}") from e
         return cls(name, version, hashlib.sha256(data).hexdigest(), data, config)
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """An adapter version by reference: what the pool, the driver and checkpoints hold. Its bytes
+    live once in an `AdapterStore` directory (`uri`, addressed by sha256) that every node can read;
+    a rollout worker fetches them itself (`load`). No bytes here: a few hundred bytes per version."""
+
+    name: str
+    version: int
+    sha256: str
+    size: int  # bytes of adapter_model.safetensors
+    uri: str  # the store directory holding adapter_model.safetensors and adapter_config.json
+    config: dict[str, Any] = field(repr=False)
+    probe: Probe | None = field(default=None, repr=False)
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}@v{self.version}"
+
+    def load(self) -> AdapterVersion:
+        """The version's bytes, read from the store and checked against the sha256 (AdapterError)."""
+        path = Path(self.uri)
+        try:
+            data = (path / "adapter_model.safetensors").read_bytes()
+        except OSError as e:
+            raise AdapterError(f"adapter {self.key}: cannot read its bytes at {path}: {e}") from e
+        version = AdapterVersion(self.name, self.version, self.sha256, data, self.config, self.probe)
+        version.check_sha()
+        return version
+
+    def meta(self) -> dict[str, Any]:
+        """JSON form (the store's files aside): what a checkpoint records per adapter."""
+        return {"key": self.key, "name": self.name, "version": self.version, "sha256": self.sha256,
+                "size": self.size, "config": self.config,
+                "probe": None if self.probe is None else
+                {"token_ids": list(self.probe.token_ids), "logprobs": list(self.probe.logprobs)}}
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any], uri: str | os.PathLike[str]) -> AdapterRef:
+        probe = meta.get("probe")
+        return cls(meta["name"], int(meta["version"]), meta["sha256"], int(meta["size"]), str(uri), meta["config"],
+                   Probe(tuple(probe["token_ids"]), tuple(probe["logprobs"])) if probe else None)
+
+
+class AdapterStore:
+    """Adapter bytes on storage every process can read (the run dir; shared storage on a cluster),
+    one directory per sha256: `<root>/<sha256>/adapter_model.safetensors` + `adapter_config.json`.
+    Written once (atomically: temp dir, then rename); identical bytes are stored once, whatever
+    their keys. `collect` deletes the directories nobody refers to any more."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    def path(self, sha256: str) -> Path:
+        return self.root / sha256
+
+    def put(self, version: AdapterVersion) -> AdapterRef:
+        """Store `version`'s bytes (once per sha256) and return its reference."""
+        version.check_sha()
+        final = self.path(version.sha256)
+        if not self._complete(final, len(version.data)):
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=".tmp-"))
+            (tmp / "adapter_model.safetensors").write_bytes(version.data)
+            (tmp / "adapter_config.json").write_text(json.dumps(version.config, indent=1))
+            if final.exists():  # a partial directory (a crashed writer before the rename cannot leave one)
+                shutil.rmtree(final, ignore_errors=True)
+            try:
+                os.replace(tmp, final)
+            except OSError:  # another writer of the same bytes won the race
+                shutil.rmtree(tmp, ignore_errors=True)
+                if not self._complete(final, len(version.data)):
+                    raise
+        return self.ref(version, final)
+
+    @staticmethod
+    def ref(version: AdapterVersion, uri: str | os.PathLike[str]) -> AdapterRef:
+        return AdapterRef(version.name, version.version, version.sha256, len(version.data), str(uri), version.config,
+                          version.probe)
+
+    def adopt(self, ref: AdapterRef) -> AdapterRef:
+        """`ref` with its bytes in this store (copied there, and checked, when they live elsewhere)."""
+        final = self.path(ref.sha256)
+        if not self._complete(final, ref.size):
+            self.put(ref.load())
+        return dataclasses.replace(ref, uri=str(final))
+
+    def has(self, ref: AdapterRef) -> bool:
+        return self._complete(self.path(ref.sha256), ref.size)
+
+    @staticmethod
+    def _complete(path: Path, size: int) -> bool:
+        f = path / "adapter_model.safetensors"
+        return f.is_file() and f.stat().st_size == size and (path / "adapter_config.json").is_file()
+
+    def collect(self, keep: set[str]) -> list[str]:
+        """Delete every stored sha256 not in `keep` (and debris of crashed writes); return the deleted."""
+        gone = []
+        if not self.root.is_dir():
+            return gone
+        for d in self.root.iterdir():
+            if d.name.startswith(".tmp-") or (d.is_dir() and d.name not in keep):
+                shutil.rmtree(d, ignore_errors=True)
+                gone.append(d.name)
+        return gone
+
+    def nbytes(self) -> int:
+        return sum(f.stat().st_size for f in self.root.rglob("*") if f.is_file()) if self.root.is_dir() else 0

@@ -2,7 +2,12 @@
 take a seat (scripted strategies, API models, the base model), and an Elo rating per entry.
 
 - Snapshots: every `snapshot_every` iterations (it > 0) the current adapter is frozen into the
-  buffer; snapshots are kept for good.
+  buffer; snapshots are kept for good (the paper), or, with `max_snapshots`, the oldest snapshot
+  is retired once there are more: it leaves the buffer (never drawn again) but keeps its entry and
+  rating, and its bytes are no longer kept by the run.
+- By reference: the pool holds `AdapterRef`s (key, version, sha256, size, the store path of the
+  bytes), never adapter bytes, so its memory does not grow with the adapter size; the bytes live
+  once in the run's `AdapterStore` and each worker reads the resident ones it lacks.
 - Resident: each iteration at most `max_resident` snapshots are served (a uniform subsample when
   more exist), drawn from (seed, iteration) alone, so any process computes the same set.
 - Pairings (`pairings`): per game, the learner takes seat `group_id mod 2`; with the buffer, the
@@ -16,7 +21,9 @@ take a seat (scripted strategies, API models, the base model), and an Elo rating
 - Determinism: every draw uses a generator seeded by (seed, iteration, purpose), never a shared
   stream, so results do not depend on call order and survive a restart.
 - Checkpoints: `state_dict()` is JSON-serialisable (metadata, sha256 sums, ratings); the adapter
-  bytes are `adapters()` (saved by the caller) and are checked against the sums on load.
+  references are `adapters()` (saved by the caller) and are checked against the sums on load.
+- Elo from summaries: `record_batch` reads five columns; the driver hands it the rollout's small
+  summary (`actors.trajectories.summary`), never the token columns.
 
 `OpponentPool` is plain Python; the driver makes it a Ray actor (reciprocity/launcher.py).
 """
@@ -31,10 +38,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from actors.adapters import AdapterError, AdapterVersion
+from actors.adapters import AdapterError, AdapterRef, AdapterVersion
 from actors.worker import PlayerSpec
 
 ENTRY_KINDS = ("adapter", "scripted", "api", "base")
+Version = AdapterRef | AdapterVersion  # a reference (the training run), or the bytes (tests, tools)
 
 
 def entry_key(policy: str, version: int) -> str:
@@ -81,9 +89,13 @@ class OpponentPool:
         seed: int = 0,
         elo_k: float = 16.0,
         initial_rating: float = 1000.0,
+        max_snapshots: int | None = None,
     ) -> None:
         if snapshot_every < 1 or max_resident < 0 or not 0.0 <= p_buffer <= 1.0:
             raise ValueError("need snapshot_every >= 1, max_resident >= 0 and 0 <= p_buffer <= 1")
+        if max_snapshots is not None and max_snapshots < 1:
+            raise ValueError("max_snapshots must be None (keep all) or >= 1")
+        self.max_snapshots = max_snapshots
         self.snapshot_every, self.max_resident, self.p_buffer = snapshot_every, max_resident, p_buffer
         self.use_buffer, self.seed, self.elo_k, self.initial_rating = use_buffer, seed, elo_k, initial_rating
         self.entries: dict[str, PoolEntry] = {}
@@ -91,10 +103,10 @@ class OpponentPool:
         self.current: str | None = None
         self.fixed: str | None = None  # the one opponent of every game (exploiter training)
         self.iteration = 0  # of the last set_current
-        self._versions: dict[str, AdapterVersion] = {}  # current + snapshots
+        self._versions: dict[str, Version] = {}  # current + snapshots (+ the fixed adapter): references
 
     def config(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "snapshot_every": self.snapshot_every,
             "max_resident": self.max_resident,
             "p_buffer": self.p_buffer,
@@ -103,6 +115,9 @@ class OpponentPool:
             "elo_k": self.elo_k,
             "initial_rating": self.initial_rating,
         }
+        if self.max_snapshots is not None:  # absent by default: states saved before it existed compare equal
+            out["max_snapshots"] = self.max_snapshots
+        return out
 
     # -- entries -------------------------------------------------------------------------------
     def _entry(self, key: str, kind: str, policy: str, version: int = -1, **kw: Any) -> PoolEntry:
@@ -122,11 +137,11 @@ class OpponentPool:
         e.in_buffer = in_buffer
         return e
 
-    def set_fixed(self, kind: str, policy: str, version: AdapterVersion | None = None) -> PoolEntry:
+    def set_fixed(self, kind: str, policy: str, version: Version | None = None) -> PoolEntry:
         """Make one frozen entry the opponent of every game (adapter `version`, or a scripted /
         api / base entry named `policy`)."""
         if version is not None:
-            version.check_sha()
+            _check(version)
             entry = self._entry(version.key, "adapter", version.name, version.version, sha256=version.sha256)
             self._versions[version.key] = version
         else:
@@ -135,11 +150,11 @@ class OpponentPool:
         return entry
 
     # -- adapters and the snapshot cadence -------------------------------------------------------
-    def set_current(self, version: AdapterVersion, iteration: int) -> bool:
+    def set_current(self, version: Version, iteration: int) -> bool:
         """Make `version` the learner's current adapter at `iteration`; freeze it into the buffer
         when the cadence says so (it > 0, it % snapshot_every == 0). Returns whether it froze.
         A new version starts from the rating of the previous current version."""
-        version.check_sha()
+        _check(version)
         rating = self.entries[self.current].rating if self.current in self.entries else self.initial_rating
         new = version.key not in self.entries
         entry = self._entry(version.key, "adapter", version.name, version.version, sha256=version.sha256)
@@ -155,9 +170,10 @@ class OpponentPool:
             return True
         return False
 
-    def freeze(self, version: AdapterVersion, iteration: int) -> PoolEntry:
-        """Put `version` into the buffer (idempotent)."""
-        version.check_sha()
+    def freeze(self, version: Version, iteration: int) -> PoolEntry:
+        """Put `version` into the buffer (idempotent); with `max_snapshots`, retire the oldest
+        snapshot(s) beyond it (see the module doc)."""
+        _check(version)
         entry = self._entry(version.key, "adapter", version.name, version.version, sha256=version.sha256)
         if entry.sha256 != version.sha256:
             raise AdapterError(f"{version.key}: a different adapter with this key is already in the pool")
@@ -165,7 +181,16 @@ class OpponentPool:
             entry.frozen_at, entry.in_buffer = iteration, True
             self.snapshots.append(version.key)
         self._versions[version.key] = version
+        while self.max_snapshots is not None and len(self.snapshots) > self.max_snapshots:
+            self.retire(self.snapshots[0])
         return entry
+
+    def retire(self, key: str) -> None:
+        """Take a snapshot out of the buffer: never drawn again; its entry and rating stay."""
+        self.snapshots.remove(key)
+        self.entries[key].in_buffer = False
+        if key not in (self.current, self.fixed):
+            self._versions.pop(key, None)
 
     def _rng(self, iteration: int, purpose: str) -> np.random.Generator:
         return np.random.default_rng([self.seed, iteration, zlib.crc32(purpose.encode())])
@@ -177,7 +202,7 @@ class OpponentPool:
         pick = self._rng(iteration, "resident").choice(len(self.snapshots), self.max_resident, replace=False)
         return [self.snapshots[i] for i in sorted(pick)]
 
-    def versions(self, iteration: int | None = None) -> list[AdapterVersion]:
+    def versions(self, iteration: int | None = None) -> list[Version]:
         """Adapter versions a worker must hold at `iteration` (default: that of the last
         set_current): the current one and the resident snapshots. The restart source of workers."""
         keys = [self.current] if self.current else []
@@ -185,7 +210,7 @@ class OpponentPool:
         keys += [self.fixed] if self.fixed in self._versions else []
         return [self._versions[k] for k in dict.fromkeys(keys)]
 
-    def adapters(self) -> dict[str, AdapterVersion]:
+    def adapters(self) -> dict[str, Version]:
         """The adapter versions a checkpoint must save (current and snapshots), by key."""
         return dict(self._versions)
 
@@ -243,7 +268,7 @@ class OpponentPool:
             self.entries[b].games += 1
 
     def record_batch(self, batch: pa.RecordBatch | pa.Table) -> None:
-        """Update Elo from a trajectory batch (both seats of each game, paired by game id)."""
+        """Update Elo from a trajectory batch or its summary (both seats of each game, paired by game id)."""
         rows = batch.select(["game_id", "seat", "policy_name", "policy_version", "rewards"]).to_pylist()
         games: dict[int, dict[int, dict]] = {}
         for r in rows:
@@ -277,7 +302,7 @@ class OpponentPool:
             "iteration": self.iteration,
         }
 
-    def load_state_dict(self, state: dict[str, Any], adapters: dict[str, AdapterVersion]) -> None:
+    def load_state_dict(self, state: dict[str, Any], adapters: dict[str, Version]) -> None:
         """Restore from `state_dict()` and the saved adapter versions (checked against the sums).
         The pool's configuration is kept as constructed (it must match the checkpoint's)."""
         if state["config"] != self.config():
@@ -290,7 +315,7 @@ class OpponentPool:
             raise AdapterError(f"pool checkpoint needs adapter(s) {missing}")
         entries = {e["key"]: PoolEntry(**e) for e in state["entries"]}
         for k in need:
-            adapters[k].check_sha()
+            _check(adapters[k])
             if entries[k].sha256 != adapters[k].sha256:
                 raise AdapterError(f"{k}: saved adapter does not match the pool's sha256")
         self.entries = entries
@@ -301,10 +326,16 @@ class OpponentPool:
         self._versions = {k: adapters[k] for k in need}
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, Any], adapters: dict[str, AdapterVersion]) -> OpponentPool:
+    def from_state_dict(cls, state: dict[str, Any], adapters: dict[str, Version]) -> OpponentPool:
         pool = cls(**state["config"])
         pool.load_state_dict(state, adapters)
         return pool
+
+
+def _check(version: Version) -> None:
+    """A version given with its bytes is checked against its sha256; a reference carries none."""
+    if isinstance(version, AdapterVersion):
+        version.check_sha()
 
 
 def state_entry_kind(state: dict[str, Any], key: str) -> str | None:

@@ -121,6 +121,31 @@ def concat(batches: Sequence[pa.RecordBatch | pa.Table]) -> pa.Table:
     return pa.concat_tables(tables)
 
 
+TOKEN_COLUMNS = ("token_ids", "logprobs", "token_round", "token_version", "decision_regex")
+
+
+def summary(batch: pa.RecordBatch | pa.Table) -> pa.RecordBatch:
+    """The small part of a trajectory batch that the driver and the pool need (game ids, seats,
+    policies, rewards, actions, game info, counts) for the metrics and the Elo ratings: the token
+    columns are dropped; `chat_tokens` (tokens of the chat) and `generated_tokens` (of them,
+    generated) take their place. A few hundred bytes per row, whatever the chat length."""
+    if isinstance(batch, pa.Table):
+        batch = batch.combine_chunks().to_batches()[0] if batch.num_rows else pa.RecordBatch.from_pylist([],
+                                                                                                     schema=SCHEMA)
+    chat = np.diff(_offsets(batch.column("token_ids"))).astype(np.int32)
+    rounds = _values(batch.column("token_round"))
+    row_of = np.repeat(np.arange(batch.num_rows), np.diff(_offsets(batch.column("token_round"))))
+    generated = np.bincount(row_of[rounds >= 0], minlength=batch.num_rows).astype(np.int32)
+    keep = [n for n in batch.schema.names if n not in TOKEN_COLUMNS]
+    return pa.RecordBatch.from_arrays([*(batch.column(n) for n in keep), pa.array(chat), pa.array(generated)],
+                                      names=[*keep, "chat_tokens", "generated_tokens"])
+
+
+def concat_summaries(summaries: Sequence[pa.RecordBatch | pa.Table]) -> pa.Table:
+    tables = [b if isinstance(b, pa.Table) else pa.Table.from_batches([b]) for b in summaries]
+    return pa.concat_tables(tables) if tables else summary(SCHEMA.empty_table())
+
+
 def validate(batch: pa.RecordBatch | pa.Table) -> None:
     """Raise :class:`SchemaError` naming the first problem found."""
     missing = [n for n in SCHEMA.names if n not in batch.schema.names]

@@ -13,10 +13,17 @@ Constructor config (a plain dict):
 - `engine`: keyword arguments of the engine (`VLLMEngine(model=..., **engine)`), or None: no LLM
   engine (`actors.engine.NoEngine`: every seat is scripted or API);
 - `engine_factory`: optional "module:callable" taking the config and returning an Engine (a test seam);
-- `adapters`: AdapterVersions (or object refs of them) to load at start;
+- `adapters`: AdapterVersions, AdapterRefs or object refs of them, to load at start;
 - `adapter_source`: optional object or Ray actor handle with `versions()` returning the
-  AdapterVersions to hold now (the OpponentPool): a restarted worker reloads them, so a restart
-  serves exactly what the driver published, never a stale or missing version;
+  versions to hold now (the OpponentPool, as AdapterRefs): a restarted worker reloads them, so a
+  restart serves exactly what the driver published, never a stale or missing version;
+
+Adapters by reference: the driver sends `sync_adapters` the pool's AdapterRefs (metadata); the
+worker reads the bytes of the versions it lacks from the run's adapter store itself, loads and
+probes them, retires the rest. Every worker does this at once (one `ray.get` over all of them).
+`rollout` returns, per group of games, an object ref of its Arrow batch and the batch's small
+summary (`actors.trajectories.summary`): the token columns go from the worker's object store
+straight to the learner, never through the driver.
 - `api`: {endpoint name: APIConfig dict} for API seats;
 - `system`: optional system prompt of LLM chats (None: the template's default);
 - `check_template`: run the chat-template guard at start-up (default True);
@@ -38,13 +45,13 @@ from typing import Any
 import pyarrow as pa
 
 import envs
-from actors.adapters import AdapterVersion
+from actors.adapters import AdapterRef, AdapterVersion
 from actors.api_engine import APIEngine
 from actors.chat import ChatTemplate, check_template
 from actors.engine import Engine, NoEngine, UnknownAdapterError
 from actors.match import SeatSpec, TextEngine, play_match
 from actors.scripted_engine import ScriptedEngine
-from actors.trajectories import SeatTrajectory, to_batch
+from actors.trajectories import SeatTrajectory, summary, to_batch
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +127,7 @@ class RolloutWorker:
             check_template(self.template)  # refuse to run on a template that breaks token-in-token-out
         self.engine: Engine = factory(self.config)
         self.concurrency = int(config.get("concurrency", 64))
-        self.loaded: dict[str, AdapterVersion] = {}
+        self.loaded: dict[str, str] = {}  # served key -> sha256 (the bytes stay with the engine)
         self._text_engines: dict[tuple[str, str], TextEngine] = {}
         self._started: asyncio.Task | None = None
         self.totals: dict[str, float] = defaultdict(float)
@@ -147,17 +154,31 @@ class RolloutWorker:
             self._started = asyncio.ensure_future(self._start())
         await asyncio.shield(self._started)
 
-    async def _load(self, version: AdapterVersion) -> str:
-        if version.key in self.loaded and self.loaded[version.key].sha256 == version.sha256:
+    async def _load(self, version: AdapterVersion | AdapterRef) -> str:
+        if self.loaded.get(version.key) == version.sha256:
             return version.key  # idempotent: a retried call after a restart is a no-op
+        if isinstance(version, AdapterRef):
+            version = await _resolve(version)
         key = await self.engine.load_adapter(version)
-        self.loaded[key] = version
+        self.loaded[key] = version.sha256
         return key
 
-    async def load_adapter(self, version: AdapterVersion) -> str:
+    async def load_adapter(self, version: AdapterVersion | AdapterRef) -> str:
         """Load (validate, probe) a version; return its key. Idempotent for the same version."""
         await self.ready()
         return await self._load(await _resolve(version))
+
+    async def sync_adapters(self, versions: Sequence[AdapterRef | AdapterVersion], unload: bool = True) -> list[str]:
+        """Hold exactly `versions` (with `unload`; else at least them): load (read from the store,
+        validate, probe) those missing, in order, and retire the others. Returns the loaded keys."""
+        await self.ready()
+        for version in versions:
+            await self._load(await _resolve(version))
+        if unload:
+            want = {v.key for v in versions}
+            for key in [k for k in self.loaded if k not in want]:
+                await self.unload_adapter(key)
+        return self.adapters()
 
     async def unload_adapter(self, key: str) -> None:
         """Retire a version (the engine waits for its in-flight requests)."""
@@ -273,6 +294,15 @@ class RolloutWorker:
             self.totals["runs"] += 1
             log.info("rollout: %s", {k: round(v, 3) for k, v in counts.items()})
 
+    async def rollout(self, specs: Sequence[MatchSpec], concurrency: int | None = None) -> list[tuple[Any, Any]]:
+        """Play `specs`; per group, in completion order: (object ref of its record batch, its summary).
+        The driver keeps the summaries and hands the refs to the learner."""
+        import ray
+
+        if not ray.is_initialized():  # ray.put would silently start a local cluster
+            raise RuntimeError("rollout needs Ray (call it on the actor)")
+        return [(ray.put(b), summary(b)) async for b in self._groups(specs, concurrency)]
+
     async def run(self, specs: Sequence[MatchSpec], concurrency: int | None = None, refs: bool = True) -> list[Any]:
         """Play `specs`; return one record batch per group, in completion order: as object refs
         (`ray.put`, the default: a list of refs is not resolved by Ray on return) or as batches."""
@@ -327,12 +357,15 @@ class RolloutWorker:
 
 
 async def _resolve(value: Any) -> Any:
-    """An object ref (nested in a config or list, hence not resolved by Ray) -> its value."""
+    """An object ref (nested in a config or list, hence not resolved by Ray) -> its value; an
+    AdapterRef -> its AdapterVersion, read from the adapter store (off the event loop)."""
+    if isinstance(value, AdapterRef):
+        return await asyncio.to_thread(value.load)
     if "ray" not in sys.modules:  # no Ray in this process: no object ref either
         return value
     import ray
 
-    return await value if isinstance(value, ray.ObjectRef) else value
+    return await _resolve(await value) if isinstance(value, ray.ObjectRef) else value
 
 
 async def _call(target: Any, method: str) -> Any:

@@ -43,7 +43,7 @@ from typing import Any
 import pyarrow as pa
 import torch
 
-from actors.adapters import AdapterVersion, Probe
+from actors.adapters import AdapterRef, AdapterStore, AdapterVersion, Probe
 from actors.device import cpu_has_bf16
 from learner.batch import BatchError, CreditSpec, IterationBatch, MicroBatch, build_iteration
 from learner.constrain import Constrainer
@@ -385,8 +385,10 @@ class Learner:
 
     # ------------------------------------------------------------------ export and state
 
-    def export(self, version: int | None = None) -> AdapterVersion | None:
-        """The current adapter as an AdapterVersion with a probe (rank 0; other ranks return None).
+    def export(self, version: int | None = None, store: str | None = None) -> AdapterVersion | AdapterRef | None:
+        """The current adapter as an AdapterVersion with a probe (rank 0; other ranks return None);
+        with `store` (an AdapterStore root every node can read), its bytes are written there once and
+        only the AdapterRef is returned: the bytes never travel through the driver.
 
         ``version`` renumbers the current adapter (the driver's count); default: the learner's own
         (0 before training, +1 per train_step). Under ZeRO-3 call it on every rank (the gather and
@@ -401,7 +403,8 @@ class Learner:
         if self.rank != 0:
             return None
         config = adapter_config(self.model, Path(self.config.model_dir).resolve())
-        return make_adapter_version(state, config, name=self.config.name, version=self.version, probe=probe)
+        exported = make_adapter_version(state, config, name=self.config.name, version=self.version, probe=probe)
+        return exported if store is None else AdapterStore(store).put(exported)
 
     def save_checkpoint(self, path: str | os.PathLike[str]) -> str:
         """Adapter + optimizer state (DeepSpeed checkpoint, LoRA only) + version, written to a temp

@@ -10,11 +10,16 @@ Layout of `<run dir>/checkpoints/it-000010/`:
   config.yaml        the full config of the run
   learner/           the learner's checkpoint (adapter + optimizer state), written by rank 0
   pool.json          the opponent pool's state
-  adapters/          every adapter version the pool still refers to (safetensors + config)
+  adapters.json      every adapter version the pool still refers to: metadata and sha256; the bytes
+                     are in the run's adapter store `<run dir>/adapters/<sha256>/`, once for all
+                     the checkpoints kept (the driver deletes a version's bytes once neither the
+                     pool nor a kept checkpoint refers to it). Checkpoints written before this
+                     (an `adapters/` folder with the bytes in each checkpoint) still load.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -29,6 +34,7 @@ import yaml
 from reciprocity.config import Config, ConfigError
 
 PREFIX = "it-"
+ADAPTERS = "adapters.json"
 log = logging.getLogger(__name__)
 
 
@@ -150,31 +156,71 @@ def _first_difference(a: dict[str, str], b: dict[str, str]) -> str:
     return "fingerprint mismatch"
 
 
+def adapter_store(run_dir: Path) -> Path:
+    """The run's adapter store (actors.adapters.AdapterStore): one directory per sha256, shared by
+    the live pool and every kept checkpoint."""
+    return Path(run_dir) / "adapters"
+
+
 def save_pool(ckpt: Path, state: dict[str, Any], adapters: dict[str, Any]) -> None:
-    """The pool's JSON state and every adapter version it refers to (bytes + config + probe)."""
-    (ckpt / "pool.json").write_text(json.dumps(state, indent=1))
-    root = ckpt / "adapters"
+    """The pool's JSON state and the adapter versions it refers to, by sha256: `adapters.json`
+    lists each version's metadata; the bytes live once in the run's adapter store (AdapterRefs are
+    already there; AdapterVersions given with their bytes are put there first), so keeping k
+    checkpoints costs the unique versions' bytes once, not k times."""
+    from actors.adapters import AdapterStore, AdapterVersion
+
+    store = AdapterStore(adapter_store(ckpt.parents[1]))
+    metas = []
     for key, version in adapters.items():
-        d = version.write(root)
-        meta = {"key": key, "name": version.name, "version": version.version, "sha256": version.sha256,
-                "probe": None if version.probe is None else
-                {"token_ids": list(version.probe.token_ids), "logprobs": list(version.probe.logprobs)}}
-        (d / "version.json").write_text(json.dumps(meta))
+        ref = store.put(version) if isinstance(version, AdapterVersion) else store.adopt(version)
+        metas.append({**ref.meta(), "key": key})
+    (ckpt / "pool.json").write_text(json.dumps(state, indent=1))
+    (ckpt / ADAPTERS).write_text(json.dumps(metas, indent=1))
 
 
-def load_pool(ckpt: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    from actors.adapters import AdapterError, AdapterVersion, Probe
+def load_pool(ckpt: Path, verify: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The pool's state and {key: AdapterRef}. `verify`: check each version's bytes against its
+    sha256 (reads them all); else only that they are there with the recorded size (the worker that
+    loads a version checks its sha256 anyway). Checkpoints written before the adapter store
+    (`adapters/<dir>/` with the bytes and a version.json) are read too: their refs point there."""
+    from actors.adapters import AdapterError, AdapterRef, AdapterStore, Probe
 
     state = json.loads((ckpt / "pool.json").read_text())
     adapters: dict[str, Any] = {}
-    for meta_file in sorted((ckpt / "adapters").glob("*/version.json")):
-        meta = json.loads(meta_file.read_text())
-        v = AdapterVersion.from_dir(meta_file.parent, meta["name"], meta["version"])
-        if v.sha256 != meta["sha256"]:
-            raise AdapterError(f"checkpoint adapter {meta['key']} is corrupted (sha256 mismatch)")
-        probe = meta.get("probe")
-        if probe:
-            v = AdapterVersion(v.name, v.version, v.sha256, v.data, v.config,
-                               Probe(tuple(probe["token_ids"]), tuple(probe["logprobs"])))
-        adapters[meta["key"]] = v
+    if (ckpt / ADAPTERS).is_file():
+        store = AdapterStore(adapter_store(ckpt.parents[1]))
+        for meta in json.loads((ckpt / ADAPTERS).read_text()):
+            ref = AdapterRef.from_meta(meta, store.path(meta["sha256"]))
+            if not store.has(ref):
+                raise AdapterError(f"checkpoint adapter {meta['key']}: its bytes are missing from {store.root}")
+            adapters[meta["key"]] = ref
+    else:  # the format before the adapter store: bytes inside each checkpoint
+        for meta_file in sorted((ckpt / "adapters").glob("*/version.json")):
+            meta = json.loads(meta_file.read_text())
+            d = meta_file.parent
+            try:
+                config = json.loads((d / "adapter_config.json").read_text())
+                size = (d / "adapter_model.safetensors").stat().st_size
+            except (OSError, ValueError) as e:
+                raise AdapterError(f"cannot read checkpoint adapter at {d}: {e}") from e
+            probe = meta.get("probe")
+            adapters[meta["key"]] = AdapterRef(meta["name"], int(meta["version"]), meta["sha256"], size, str(d),
+                                               config, Probe(tuple(probe["token_ids"]), tuple(probe["logprobs"]))
+                                               if probe else None)
+    if verify:
+        for key, ref in adapters.items():
+            try:
+                ref.load()
+            except AdapterError as e:
+                raise AdapterError(f"checkpoint adapter {key} is corrupted: {e}") from None
     return state, adapters
+
+
+def referenced_blobs(run_dir: Path) -> set[str]:
+    """The sha256 of every adapter a complete checkpoint of the run refers to (kept from collection)."""
+    out: set[str] = set()
+    root = checkpoints_dir(run_dir)
+    for ckpt in _complete(root) if root.is_dir() else []:
+        with contextlib.suppress(OSError, ValueError):
+            out |= {m["sha256"] for m in json.loads((ckpt / ADAPTERS).read_text())}
+    return out

@@ -91,6 +91,10 @@ class Buffer(Section):
     snapshot_every: int = Field(10, ge=1)
     resident_max: int = Field(28, ge=1)
     p_snapshot: float = Field(0.5, ge=0, le=1)
+    # None: keep every snapshot (the paper). N: once there are more than N, the oldest snapshot
+    # leaves the buffer (never drawn again; its rating stays) and its bytes are deleted once no
+    # kept checkpoint refers to it. actors/pool.py
+    max_snapshots: int | None = Field(None, ge=1)
 
 
 class Learner(Section):
@@ -162,6 +166,8 @@ class Config(Section):
     def fingerprint(self) -> str:
         """What a checkpoint must match to be resumed: everything but bookkeeping fields."""
         d = self.model_dump(exclude={"iterations": True, "tracking": True, "checkpoint": True, "evaluation": True})
+        if d["buffer"]["max_snapshots"] is None:  # the default: runs checkpointed before it existed resume
+            del d["buffer"]["max_snapshots"]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def flat(self, redact: bool = True) -> dict[str, str]:

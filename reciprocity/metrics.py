@@ -1,5 +1,6 @@
-"""Per-iteration figures from a trajectory table: the game's own metrics (envs.metrics) over the
-self-play games (buffer games excluded, as in the paper), plus rollout counts."""
+"""Per-iteration figures from a trajectory table or its summary (actors.trajectories.summary): the
+game's own metrics (envs.metrics) over the self-play games (buffer games excluded, as in the paper),
+plus rollout counts."""
 
 from __future__ import annotations
 
@@ -67,9 +68,12 @@ def iteration_metrics(table: pa.Table, game: str) -> dict[str, Any]:
     out.update(side_returns(table))
     out["games"] = int(table.num_rows // 2)
     out["self_play_games"] = int(sp.num_rows // 2)
-    gen = list_values(table.column("token_round")) >= 0
-    out["generated_tokens"] = int(gen.sum())
-    lens = np.diff(list_offsets(table.column("token_ids")))
+    if "generated_tokens" in table.schema.names:  # a rollout summary (actors.trajectories.summary)
+        out["generated_tokens"] = int(np.asarray(table.column("generated_tokens"), dtype=np.int64).sum())
+        lens = np.asarray(table.column("chat_tokens"), dtype=np.int64)
+    else:
+        out["generated_tokens"] = int((list_values(table.column("token_round")) >= 0).sum())
+        lens = np.diff(list_offsets(table.column("token_ids")))
     out["chat_tokens_mean"] = float(lens[lens > 0].mean()) if (lens > 0).any() else 0.0
     decisions = int(np.asarray(table.column("n_decisions")).sum())
     out["decisions"] = decisions

@@ -5,11 +5,16 @@ One iteration (synchronous mode), as in sysdesign/architecture.md:
      buffer snapshot with probability p, else a frozen copy of the current adapter), seeds per
      seed group (common random numbers);
   2. rollout: match specs are split across the workers, which play them concurrently on their
-     engines and return Arrow record batches as object refs;
+     engines and return Arrow record batches as object refs, each with its small summary (game
+     ids, seats, rewards, actions, counts): the driver computes the metrics and the pool the Elo
+     ratings from the summaries; the token columns never reach the driver;
   3. learn: every learner rank receives the refs and takes one optimizer step;
-  4. publish: rank 0 exports version k+1; every worker loads it, probes it and serves it; the
-     pool records it and freezes a snapshot every K iterations;
-  5. log and checkpoint.
+  4. publish: rank 0 exports version k+1 into the run's adapter store (`<run dir>/adapters/<sha256>`)
+     and returns its AdapterRef (metadata only); the pool records it and freezes a snapshot every
+     K iterations; every worker reads, loads and probes it at the same time (one ray.get over all);
+  5. log and checkpoint (checkpoints refer to the stored adapters by sha256; bytes that neither the
+     pool nor a kept checkpoint refers to are deleted).
+The driver never holds adapter bytes (tests/test_pool.py checks it).
 Every generated token carries its behaviour version and the learner reports staleness.
 
 Asynchronous mode (`mode: async`, `max_staleness >= 1`): the rollout of iteration k+1 starts on
@@ -46,7 +51,7 @@ from rich.table import Table
 
 import envs
 from actors import trajectories
-from actors.adapters import AdapterError, AdapterVersion
+from actors.adapters import AdapterError, AdapterRef, AdapterStore
 from actors.chat import ChatTemplate
 from actors.pool import OpponentPool
 from actors.vllm_engine import lora_rank_for
@@ -298,6 +303,8 @@ class Trainer:
             raise ConfigError(f"{self.run_dir} already holds checkpoints: pass --resume {self.run_dir} "
                               f"or choose another run_name")
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.store = AdapterStore(checkpoint.adapter_store(self.run_dir))
+        self._previous: str | None = None  # sha256 of the version current before the last publish
         launcher.init_ray(address)
         tags = {"model_sha": model_sha(Path(cfg.model.path)) or "unprepared", "game": cfg.game.name,
                 "method": cfg.method.name}
@@ -383,7 +390,8 @@ class Trainer:
         """Learner ranks and pool from a checkpoint; the iteration and version counters with them."""
         ray.get([a.load_checkpoint.remote(str(ckpt_dir / "learner")) for a in self.learners])
         self.version, self.iteration = state.version, state.iteration
-        pool_state, adapters = checkpoint.load_pool(ckpt_dir)
+        pool_state, adapters = checkpoint.load_pool(ckpt_dir, verify=False)  # workers check the sha256 on load
+        adapters = {k: self.store.adopt(r) for k, r in adapters.items()}  # an older checkpoint's bytes move in
         ray.get(self.pool.load_state_dict.remote(pool_state, adapters))
 
     def _start_actors(self) -> None:
@@ -393,14 +401,16 @@ class Trainer:
         self.version, self.iteration = 0, 0
         self.pool = launcher.actor_class(OpponentPool).options(num_cpus=0).remote(
             snapshot_every=cfg.buffer.snapshot_every, max_resident=cfg.buffer.resident_max,
-            p_buffer=cfg.buffer.p_snapshot, use_buffer=cfg.buffer.enabled, seed=cfg.seed)
+            p_buffer=cfg.buffer.p_snapshot, use_buffer=cfg.buffer.enabled, seed=cfg.seed,
+            max_snapshots=cfg.buffer.max_snapshots)
         if self.ckpt_state is not None and self.ckpt_dir is not None:
             self._restore(self.ckpt_dir, self.ckpt_state)
         else:
             ray.get(self.pool.set_current.remote(self._export(self.version), 0))
             if self.opponent is not None:
                 ray.get(self.pool.set_fixed.remote(self.opponent.kind if self.opponent.kind in ("scripted", "api",
-                        "base") else "adapter", self.opponent.player.policy, self.opponent.adapter))
+                        "base") else "adapter", self.opponent.player.policy,
+                        None if self.opponent.adapter is None else self.store.put(self.opponent.adapter)))
         worker_cls = launcher.actor_class(RolloutWorker)
         self.workers = [worker_cls.options(**self.placement.worker_options(i, cfg)).remote(
                             worker_config(cfg, self.run_dir, self.pool, self.opponent, index=i))
@@ -409,9 +419,17 @@ class Trainer:
             self._await_restart(i)
         self._report_placement()
 
-    def _export(self, version: int) -> AdapterVersion:
-        """Rank 0's export of the current adapter as `version` (every rank joins: ZeRO-3 gathers)."""
-        return _learner_get([a.export.remote(version) for a in self.learners])[0]
+    def _export(self, version: int) -> AdapterRef:
+        """Rank 0's export of the current adapter as `version` (every rank joins: ZeRO-3 gathers),
+        written into the adapter store by rank 0: the driver gets its AdapterRef only."""
+        return _learner_get([a.export.remote(version, str(self.store.root)) for a in self.learners])[0]
+
+    def _collect_adapters(self) -> None:
+        """Delete the stored adapter bytes that neither the pool, nor a kept checkpoint, nor the
+        version current just before the last publish (async rollouts may still read it) refers to."""
+        keep = {r.sha256 for r in ray.get(self.pool.adapters.remote()).values()}
+        keep |= checkpoint.referenced_blobs(self.run_dir) | ({self._previous} if self._previous else set())
+        self.store.collect(keep)
 
     def _report_placement(self) -> None:
         table = Table(title="placement")
@@ -431,30 +449,27 @@ class Trainer:
         load what is missing (validated and probed); with `unload`, retire what is no longer used
         (async mode keeps the previous version while a rollout on it is still running)."""
         it = self.iteration if iteration is None else iteration
-        versions: list[AdapterVersion] = ray.get(self.pool.versions.remote(it))
-        want = {v.key for v in versions}
-        for i, w in enumerate(self.workers):
-            have = set(ray.get(w.adapters.remote()))
+        versions: list[AdapterRef] = ray.get(self.pool.versions.remote(it))  # metadata: key, sha256, path
+        futures = [w.sync_adapters.remote(versions, unload) for w in self.workers]  # all at once
+        for i, future in enumerate(futures):
             try:
-                ray.get([w.load_adapter.remote(v) for v in versions if v.key not in have])
+                ray.get(future)
             except ray.exceptions.RayTaskError as e:
                 if isinstance(e.cause, AdapterError):
                     raise TrainError(f"rollout worker {i} rejected an adapter: {e.cause}") from None
                 raise
-            if unload:
-                ray.get([w.unload_adapter.remote(k) for k in have - want])
 
     def _start_rollout(self, specs: list[MatchSpec]) -> Pending:
         """Split `specs` across the workers and start playing them (non-blocking)."""
         chunks = [specs[i::len(self.workers)] for i in range(len(self.workers))]
-        futures = {i: self.workers[i].run.remote(chunk, self.cfg.rollout.concurrency)
+        futures = {i: self.workers[i].rollout.remote(chunk, self.cfg.rollout.concurrency)
                    for i, chunk in enumerate(chunks) if chunk}
         return Pending(specs, chunks, futures, time.perf_counter())
 
-    def _finish_rollout(self, pending: Pending) -> tuple[list[ray.ObjectRef], dict[str, Any]]:
-        """Wait for a rollout; replay the share of a worker that died (Ray restarts it and it
-        reloads the pool's versions); check that exactly the planned game ids came back."""
-        refs: list[ray.ObjectRef] = []
+    def _finish_rollout(self, pending: Pending) -> tuple[list[tuple[ray.ObjectRef, Any]], dict[str, Any]]:
+        """Wait for a rollout: (object ref of a record batch, its summary) per group of games;
+        replay the share of a worker that died (Ray restarts it and it reloads the pool's versions)."""
+        refs: list[tuple[ray.ObjectRef, Any]] = []
         replays = 0
         for i, future in pending.futures.items():
             for attempt in range(launcher.WORKER_MAX_RESTARTS + 1):
@@ -468,7 +483,7 @@ class Trainer:
                     self.view.warn(f"rollout worker {i} died ({type(e).__name__}); waiting for its restart to "
                                    f"replay {len(pending.chunks[i])} games")
                     self._await_restart(i)
-                    future = self.workers[i].run.remote(pending.chunks[i], self.cfg.rollout.concurrency)
+                    future = self.workers[i].rollout.remote(pending.chunks[i], self.cfg.rollout.concurrency)
         stats: dict[str, Any] = {"seconds/rollout": time.perf_counter() - pending.t0, "rollout/replays": replays}
         lasts = [s["last"] for s in ray.get([w.stats.remote() for w in self.workers])]
         stats["rollout/tokens_per_s"] = sum(s.get("tokens_per_s", 0.0) for s in lasts)
@@ -479,7 +494,7 @@ class Trainer:
             self.view.warn(f"{int(forfeits)} API opponent decision(s) forfeited (the endpoint kept failing)")
         return refs, stats
 
-    def _wait_rollout(self, future: ray.ObjectRef) -> list[ray.ObjectRef]:
+    def _wait_rollout(self, future: ray.ObjectRef) -> list[tuple[ray.ObjectRef, Any]]:
         """ray.get(future), showing the workers' progress every POLL_S seconds while it runs."""
         while not ray.wait([future], timeout=progress.POLL_S)[0]:
             with contextlib.suppress(Exception):  # progress is for show; a dead worker's future raises below
@@ -515,10 +530,10 @@ class Trainer:
                     raise TrainError(f"rollout worker {i} did not come back: {e}") from None
                 time.sleep(1.0)
 
-    def learn(self, refs: list[ray.ObjectRef]) -> dict[str, Any]:
+    def learn(self, shares: list[tuple[ray.ObjectRef, Any]]) -> dict[str, Any]:
         t0 = time.perf_counter()
         self.view.phase("learn")
-        metrics = self._wait_learners([a.train_step.remote(refs) for a in self.learners])[0]
+        metrics = self._wait_learners(self._train_step(shares))[0]
         return _learner_metrics(metrics, time.perf_counter() - t0)
 
     def publish(self, unload: bool = True) -> dict[str, Any]:
@@ -526,24 +541,33 @@ class Trainer:
         t0 = time.perf_counter()
         self.view.phase("publish", detail=f"version {self.version + 1} to {len(self.workers)} worker(s)")
         self.version += 1
+        previous = ray.get(self.pool.versions.remote())[0]
         version = self._export(self.version)
         froze = ray.get(self.pool.set_current.remote(version, self.iteration + 1))
         self.iteration += 1
+        self._previous = previous.sha256
         self._sync_adapters(unload=unload)
-        errors = [ray.get(w.probe_error.remote(version.key)) for w in self.workers]
+        errors = ray.get([w.probe_error.remote(version.key) for w in self.workers])
+        self._collect_adapters()
         if froze:
             self.log_adapter(version)
         return {"seconds/publish": time.perf_counter() - t0, "version": self.version, "snapshot": int(froze),
                 "probe_error": max(errors) if errors else 0.0}
 
-    def _gather(self, refs: list[ray.ObjectRef], specs: list[MatchSpec]) -> tuple[Any, dict[str, Any]]:
-        """The iteration's trajectory table and its game figures (and the game-id check)."""
+    def _gather(self, shares: list[tuple[ray.ObjectRef, Any]], specs: list[MatchSpec]) -> tuple[Any, dict[str, Any]]:
+        """The iteration's summary table (no token columns: those stay behind the refs, for the
+        learner) and its game figures (and the game-id check); the pool's Elo from the summaries."""
         t0 = time.perf_counter()
-        table = trajectories.concat(ray.get(refs))
+        table = trajectories.concat_summaries([s for _, s in shares])
         check_game_ids(table, specs)
         game_metrics = iteration_metrics(table, self.cfg.game.name)
         self.pool.record_batch.remote(table)
         return table, {**game_metrics, "seconds/transfer": time.perf_counter() - t0}
+
+    def _train_step(self, shares: list[tuple[ray.ObjectRef, Any]]) -> list[ray.ObjectRef]:
+        """Every learner rank's train_step on the batches' refs (each rank resolves them itself)."""
+        refs = [r for r, _ in shares]
+        return [a.train_step.remote(refs) for a in self.learners]
 
     def step(self) -> dict[str, Any]:
         """One synchronous iteration: rollout, learn, publish, log."""
@@ -573,7 +597,7 @@ class Trainer:
             self._sync_adapters()  # retire the version the finished rollout no longer needs
             _, game_metrics = self._gather(refs, pending.specs)
             t0 = time.perf_counter()
-            learning = [a.train_step.remote(refs) for a in self.learners]
+            learning = self._train_step(refs)
             pending = None
             nxt = it + 1
             if nxt < self.cfg.iterations and nxt - self.version <= self.cfg.max_staleness:
@@ -612,7 +636,7 @@ class Trainer:
         specs = plan_eval_specs(cfg, self.tracker.run_id, self.iteration, me)
         self.view.phase("evaluate", total=len(specs))
         refs, _ = self._finish_rollout(self._start_rollout(specs))
-        table = trajectories.concat(ray.get(refs))
+        table = trajectories.concat(ray.get([r for r, _ in refs]))  # the transcripts need the tokens
         check_game_ids(table, specs)
         out = eval_metrics(table, cfg, me)
         page = transcripts_html(table, self.template.decode, f"{cfg.run_name}: evaluation at iteration "
@@ -621,11 +645,10 @@ class Trainer:
         out["seconds/evaluate"] = time.perf_counter() - t0
         return out
 
-    def log_adapter(self, version: AdapterVersion) -> None:
-        """The adapter files of `version` as MLflow artifacts `adapters/v<N>/` (for `run:ID@N` specs)."""
-        with tempfile.TemporaryDirectory() as tmp:
-            path = version.write(tmp)
-            self.tracker.log_artifacts(path, f"adapters/v{version.version}")
+    def log_adapter(self, version: AdapterRef) -> None:
+        """The adapter files of `version` as MLflow artifacts `adapters/v<N>/` (for `run:ID@N` specs),
+        copied from the adapter store (file to file: the driver does not read the adapter)."""
+        self.tracker.log_artifacts(version.uri, f"adapters/v{version.version}")
 
     def log_curves(self) -> None:
         """Re-plot the run's curves (the whole MLflow history, so a resumed run plots all of it)."""
@@ -646,6 +669,7 @@ class Trainer:
         state = checkpoint.State(self.iteration, self.version, self.tracker.run_id, self.cfg.fingerprint(),
                                  rng={"seed": self.cfg.seed})
         path = checkpoint.commit(tmp, state, self.cfg, self.cfg.checkpoint.keep)
+        self._collect_adapters()  # the versions only the pruned checkpoints referred to
         self.tracker.set_tag("last_checkpoint", str(path))
         self.log_curves()
         return path

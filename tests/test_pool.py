@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -154,3 +155,126 @@ def test_fixed_opponent_takes_every_game_and_survives_a_checkpoint() -> None:
     scripted.set_fixed("scripted", "tit_for_tat")
     assert {p.opponent for p in scripted.pairings(0, [0, 1, 2])} == {"tit_for_tat"}
     assert all(p.seats[1 - p.learner_seat].kind == "scripted" for p in scripted.pairings(0, [0, 1, 2]))
+
+
+# -- by reference: the adapter store, refs in the pool, the bounded buffer, checkpoints ------------
+def test_store_keeps_each_sha256_once_and_refs_carry_no_bytes(tmp_path) -> None:
+    from actors.adapters import AdapterStore
+
+    store = AdapterStore(tmp_path / "adapters")
+    v = version(3)
+    ref = store.put(v)
+    again = store.put(AdapterVersion("other", 9, v.sha256, v.data, v.config))  # same bytes, another key
+    assert [p.name for p in store.root.iterdir()] == [v.sha256] and again.uri == ref.uri
+    assert (ref.key, ref.sha256, ref.size) == ("learner@v3", v.sha256, len(v.data))
+    assert not any(isinstance(x, bytes) for x in vars(ref).values())
+    assert ref.load() == v  # a worker's fetch: the bytes, checked against the sha256
+    (Path(ref.uri) / "adapter_model.safetensors").write_bytes(b"X" * len(v.data))
+    with pytest.raises(AdapterError, match="sha256 mismatch"):
+        ref.load()
+    store.put(version(4))
+    assert store.collect({version(4).sha256}) == [v.sha256] and store.has(store.put(version(4)))
+
+
+def test_pool_of_references_stays_small_with_many_snapshots(tmp_path) -> None:
+    """300 snapshots of a 161 MB adapter: the pool holds metadata only (bounded whatever the count)."""
+    import pickle
+
+    from actors.adapters import AdapterRef
+
+    def ref(v: int) -> AdapterRef:
+        return AdapterRef("learner", v, hashlib.sha256(str(v).encode()).hexdigest(), 161_000_000,
+                          str(tmp_path / str(v)), {"r": 32})
+
+    pool = OpponentPool(snapshot_every=10, max_resident=28, seed=0)
+    for it in range(3001):
+        pool.set_current(ref(it), it)
+    assert len(pool.snapshots) == 300 and len(pool.versions(3001)) == 29
+    assert len(pickle.dumps(pool)) < 1_000_000  # ~150 B per version entry, not 161 MB per snapshot
+    assert all(isinstance(v, AdapterRef) for v in pool.versions(3001))
+
+
+def test_max_snapshots_retires_the_oldest() -> None:
+    pool = OpponentPool(snapshot_every=2, max_resident=2, seed=0, max_snapshots=3)
+    trained(pool, 13)  # snapshots at 2, 4, ..., 12
+    assert pool.snapshots == ["learner@v8", "learner@v10", "learner@v12"]
+    old = pool.entries["learner@v2"]
+    assert not old.in_buffer and old.frozen_at == 2 and "learner@v2" not in pool.adapters()
+    assert set(pool.adapters()) == {"learner@v8", "learner@v10", "learner@v12"}
+    assert all(p.opponent not in ("learner@v2", "learner@v4", "learner@v6") for p in pool.pairings(13, range(64)))
+    assert pool.config()["max_snapshots"] == 3 and "max_snapshots" not in OpponentPool().config()
+    state = json.loads(json.dumps(pool.state_dict()))
+    assert OpponentPool.from_state_dict(state, pool.adapters()).state_dict() == pool.state_dict()
+    with pytest.raises(ValueError):
+        OpponentPool(max_snapshots=0)
+
+
+def test_checkpoints_share_the_adapter_bytes(tmp_path) -> None:
+    """keep = 3 checkpoints of a pool cost the unique versions' bytes once; older checkpoints (bytes
+    inside each checkpoint) still load."""
+    from actors.adapters import AdapterStore
+    from reciprocity import checkpoint
+
+    run = tmp_path / "run"
+    store = AdapterStore(checkpoint.adapter_store(run))
+    big = [AdapterVersion("learner", v, hashlib.sha256(d).hexdigest(), d, {"r": 8})
+           for v, d in enumerate(bytes([v]) * 100_000 for v in range(6))]
+    pool = OpponentPool(snapshot_every=1, max_resident=2, seed=0)
+    for it in range(1, 4):
+        pool.set_current(store.put(big[it]), it)
+        ckpt = checkpoint.checkpoints_dir(run) / f"it-{it:06d}"
+        ckpt.mkdir(parents=True)
+        checkpoint.save_pool(ckpt, pool.state_dict(), pool.adapters())
+        (ckpt / "state.json").write_text("{}")
+    assert store.nbytes() < 3 * 100_000 * 1.05  # versions 1, 2, 3 once, not 1 + 2 + 3 times
+    assert checkpoint.referenced_blobs(run) == {big[i].sha256 for i in (1, 2, 3)}
+    state, refs = checkpoint.load_pool(ckpt)
+    assert state == json.loads(json.dumps(pool.state_dict())) and set(refs) == set(pool.adapters())
+    assert OpponentPool.from_state_dict(state, refs).state_dict() == pool.state_dict()
+    assert refs["learner@v3"].load() == big[3]
+
+    old = tmp_path / "old" / "checkpoints" / "it-000001"  # the format before the store
+    old.mkdir(parents=True)
+    (old / "pool.json").write_text(json.dumps({"iteration": 1}))
+    d = big[4].write(old / "adapters")
+    (d / "version.json").write_text(json.dumps({"key": big[4].key, "name": "learner", "version": 4,
+                                                "sha256": big[4].sha256, "probe": None}))
+    state, refs = checkpoint.load_pool(old)
+    assert state == {"iteration": 1} and refs[big[4].key].load() == big[4]
+    adopted = store.adopt(refs[big[4].key])
+    assert Path(adopted.uri) == store.path(big[4].sha256) and adopted.load() == big[4]
+    (d / "adapter_model.safetensors").write_bytes(b"0" * 100_000)
+    with pytest.raises(AdapterError, match="corrupted"):
+        checkpoint.load_pool(old)
+
+
+def test_rollout_summary_gives_the_same_metrics_and_elo() -> None:
+    from actors.trajectories import concat_summaries, summary
+    from reciprocity.metrics import iteration_metrics
+
+    rows = []
+    for gid in range(6):
+        for seat in (0, 1):
+            t = _row(gid, seat, "learner", 2 + (gid % 2) * seat, [float(gid + seat), 1.0])
+            t.opponent_name, t.opponent_version = "learner", 2 + (gid % 2) * (1 - seat)
+            t.trainable = seat == 0 or gid % 2 == 0
+            t.info_json = json.dumps({"game": "ipd", "actions": [["C", "D"], ["D", "D"]], "rewards": [[0.0, 5.0],
+                                      [1.0, 1.0]], "n_invalid": [0, 0], "n_decisions": [2, 2]})
+            t.add_prompt([1, 2, 3])
+            t.add_generated([7, 8], [-0.5, -0.25], 0, 2)
+            t.add_prompt([4])
+            t.add_generated([9], [-1.0], 1, 2)
+            t.guided = [True, False]
+            t.decision_regex = ["C|D", ""]
+            t.n_decisions = 2
+            rows.append(t)
+    batches = [to_batch(rows[:4]), to_batch(rows[4:])]
+    small = concat_summaries([summary(b) for b in batches])
+    assert "token_ids" not in small.schema.names and small.column("generated_tokens").to_pylist() == [3] * 12
+    from actors.trajectories import concat
+
+    assert iteration_metrics(small, "ipd") == iteration_metrics(concat(batches), "ipd")
+    a, b = trained(OpponentPool(), 4), trained(OpponentPool(), 4)
+    a.record_batch(small)
+    b.record_batch(concat(batches))
+    assert a.state_dict() == b.state_dict()

@@ -51,10 +51,15 @@ def test_game_trains(ray_local, tiny_model_dir: Path, tmp_path: Path, monkeypatc
     tables = []
     gather = train.Trainer._gather
 
-    def keep_table(self, refs, specs):  # the real gather; the test keeps each iteration's table
-        table, metrics = gather(self, refs, specs)
-        tables.append(table)
-        return table, metrics
+    def keep_table(self, shares, specs):  # the real gather; the test fetches each iteration's whole table
+        import ray
+
+        from actors.trajectories import concat
+
+        summary, metrics = gather(self, shares, specs)
+        tables.append(concat(ray.get([ref for ref, _ in shares])))
+        assert summary.num_rows == tables[-1].num_rows and "token_ids" not in summary.schema.names
+        return summary, metrics
 
     monkeypatch.setattr(train.Trainer, "_gather", keep_table)
     options = f"{{n_rounds: {ROUNDS}" + (", message_chars: 40}" if game == "trust_and_split" else "}")
