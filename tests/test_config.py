@@ -80,6 +80,9 @@ def test_fingerprint_ignores_bookkeeping_only() -> None:
     a = Config()
     assert a.fingerprint() == Config(iterations=99, checkpoint={"every": 7}).fingerprint()
     assert a.fingerprint() != Config(method={"beta": 0.7}).fingerprint()
+    # the thread count is speed only: a checkpoint made before learner.threads existed still resumes
+    assert a.fingerprint() == Config(learner={"threads": 1}).fingerprint()
+    assert a.fingerprint() != Config(learner={"lr": 0.5}).fingerprint()
 
 
 def test_checkpoint_commit_is_atomic_and_refuses_other_config(tmp_path: Path) -> None:
