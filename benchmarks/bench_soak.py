@@ -86,7 +86,8 @@ def _engine_view(worker: Any) -> dict[str, int]:
 
 def _pool_view(pool: Any) -> dict[str, int]:
     held = pool.adapters()
-    return {"versions": len(held), "bytes": sum(len(v.data) for v in held.values()), "snapshots": len(pool.snapshots)}
+    # the pool holds AdapterRefs: "bytes" is what they refer to in the run's adapter store, not the pool's memory
+    return {"versions": len(held), "bytes": sum(v.size for v in held.values()), "snapshots": len(pool.snapshots)}
 
 
 def slope(values: list[float]) -> float:

@@ -82,10 +82,10 @@ def test_worker_killed_mid_rollout_replays_exactly_the_planned_games(make_traine
     specs = plan_specs(trainer.cfg, trainer.tracker.run_id, trainer.iteration, trainer.pool)
     pending = trainer._start_rollout(specs)
     os.kill(old_pid, signal.SIGKILL)
-    refs, stats = trainer._finish_rollout(pending)
+    shares, stats = trainer._finish_rollout(pending)  # (batch ref, summary) per group
 
     assert stats["rollout/replays"] == 1
-    table = trajectories.concat(ray.get(refs))
+    table = trajectories.concat(ray.get([ref for ref, _ in shares]))
     check_game_ids(table, specs)  # raises on a lost or duplicated game
     assert sorted(set(table.column("game_id").to_pylist())) == sorted(s.game_id for s in specs)
     assert table.num_rows == 2 * len(specs)
