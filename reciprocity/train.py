@@ -215,6 +215,15 @@ def _learner_get(refs: list[ray.ObjectRef]) -> list[Any]:
         raise LearnerLost(f"a learner rank died ({type(e).__name__})") from e
 
 
+def _raised(future: ray.ObjectRef) -> bool:
+    """Whether a finished call raised."""
+    try:
+        ray.get(future)
+        return False
+    except Exception:
+        return True
+
+
 def _learner_metrics(metrics: dict[str, Any], seconds: float) -> dict[str, Any]:
     out = {f"learner/{k}": v for k, v in metrics.items() if isinstance(v, int | float)}
     out["seconds/learn"] = seconds
@@ -451,13 +460,13 @@ class Trainer:
         it = self.iteration if iteration is None else iteration
         versions: list[AdapterRef] = ray.get(self.pool.versions.remote(it))  # metadata: key, sha256, path
         futures = [w.sync_adapters.remote(versions, unload) for w in self.workers]  # all at once
-        for i, future in enumerate(futures):
-            try:
-                ray.get(future)
-            except ray.exceptions.RayTaskError as e:
-                if isinstance(e.cause, AdapterError):
-                    raise TrainError(f"rollout worker {i} rejected an adapter: {e.cause}") from None
-                raise
+        try:
+            ray.get(futures)
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, AdapterError):
+                i = next(i for i, f in enumerate(futures) if _raised(f))
+                raise TrainError(f"rollout worker {i} rejected an adapter: {e.cause}") from None
+            raise
 
     def _start_rollout(self, specs: list[MatchSpec]) -> Pending:
         """Split `specs` across the workers and start playing them (non-blocking)."""
