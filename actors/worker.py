@@ -352,8 +352,11 @@ class RolloutWorker:
     def stats(self) -> dict[str, Any]:
         """Cumulative counts (games, generated tokens, decisions, invalid, resampled, seconds,
         runs, and `api_*`: the API seats' requests, retries, forfeits, ...), the last run's counts,
-        and the loaded adapter keys."""
-        return {"totals": dict(self.totals), "last": dict(self.last), "adapters": self.adapters()}
+        the loaded adapter keys and the engine's own counters (prompt, prefix-cache-hit and
+        generated tokens, ...; empty for an engine without them)."""
+        metrics = getattr(self.engine, "metrics", None)
+        return {"totals": dict(self.totals), "last": dict(self.last), "adapters": self.adapters(),
+                "engine": metrics() if callable(metrics) else {}}
 
 
 async def _resolve(value: Any) -> Any:

@@ -161,3 +161,8 @@ def test_ray_worker_plays_8_ipd_games_between_two_adapters(tiny_model_dir: Path,
             sum(x) for x in json.loads(g[0]["info_json"])["rewards"]
         ]
     assert stats["last"]["games"] == 8 and stats["adapters"] == ["alpha@v3", "beta@v5"]
+    # the engine's own counters: at least every generated token of the games, and the prompt tokens
+    # of which the prefix cache served a part
+    engine = stats["engine"]
+    assert engine["generated_tokens"] >= sum(sum(t >= 0 for t in r["token_round"]) for r in rows)
+    assert 0 <= engine["cached_prompt_tokens"] <= engine["prompt_tokens"] and engine["prompt_tokens"] > 0
