@@ -22,8 +22,11 @@ FIGURES: dict[str, tuple[str, ...]] = {
     "ipd": ("cooperation_rate", "p_coop_given_opp_coop", "p_coop_given_opp_defect", "return_per_round",
             "eval/always_defect/p_coop_given_opp_defect", "eval/tit_for_tat/cooperation_rate",
             "eval/always_cooperate/cooperation_rate", "eval/always_defect/return_per_round"),
-    "split_nocomm": ("efficiency", "return_per_round", "eval/greedy/efficiency", "eval/greedy/return_per_round"),
-    "trust_and_split": ("efficiency", "return_per_round"),
+    "split_nocomm": ("efficiency", "welfare_per_round", "fairness", "return_per_round",
+                     "eval/greedy/return_per_round", "eval/greedy/opponent_return_per_round",
+                     "eval/welfare_maximising/return_per_round", "eval/welfare_maximising/fairness"),
+    "trust_and_split": ("efficiency", "welfare_per_round", "fairness", "honest_claim_rate", "mean_message_chars",
+                        "eval/always_claim_10/return_per_round", "eval/truthful/return_per_round"),
 }
 
 

@@ -22,6 +22,7 @@ CURVES: dict[str, tuple[str, ...]] = {
     "trust_and_split": ("efficiency", "fairness", "honest_claim_rate"),
 }
 RETURN = "return_per_round"
+UNBOUNDED = ("per_round", "per_game", "_chars")  # figures that are not shares
 SIDES = (f"learner_{RETURN}", f"opponent_{RETURN}")
 
 
@@ -86,7 +87,7 @@ def plot_comparison(histories: Mapping[str, Mapping[str, Sequence[tuple[int, flo
             if history.get(figure):
                 xs, ys = zip(*sorted(history[figure]), strict=True)
                 ax.plot(xs, ys, marker="o", ms=3, label=run)
-        if not figure.endswith(RETURN):
+        if not figure.endswith(UNBOUNDED):  # rates, efficiency, fairness: on [0, 1]
             ax.set_ylim(-0.02, 1.02)
         ax.set_title(figure, fontsize=9)
         ax.set_xlabel("iteration", fontsize=8)
