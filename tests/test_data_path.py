@@ -35,7 +35,18 @@ def _walk(value: Any, seen: list[str]) -> None:
             _walk(v, seen)
 
 
-def test_driver_sees_metadata_only(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def ray_local() -> Any:
+    """This test's own local Ray, shut down after it (the tests after it start theirs)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def test_driver_sees_metadata_only(ray_local: Any, tiny_model_dir: Path, tmp_path: Path,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
     import ray
 
     from actors.adapters import AdapterRef
