@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 import pyarrow as pa
@@ -51,22 +52,24 @@ Pair = tuple[int, int]
 
 
 @contextlib.contextmanager
-def stdout_to_stderr() -> Iterator[None]:
+def stdout_to_stderr() -> Iterator[TextIO]:
     """Route the process's stdout (fd 1, which vLLM's logger and engine processes write to) to
     stderr while an engine runs, so that a command's stdout carries only its result (`--json`).
-    A quiet command (reciprocity.quiet: not --verbose) sends both to its log file instead."""
+    A quiet command (reciprocity.quiet: not --verbose) sends both to its log file instead. Yields
+    the real stderr, for the command's own progress lines."""
     from reciprocity import quiet
 
     if quiet.log_file() is not None:
         print(f"library logs: {quiet.log_file()}", file=sys.stderr, flush=True)
-        with quiet.library_logs_to(quiet.log_file()):
-            yield
+        sys.stderr.flush()
+        with open(os.dup(2), "w", buffering=1) as err, quiet.library_logs_to(quiet.log_file()):
+            yield err
         return
     sys.stdout.flush()
     saved = os.dup(1)
     os.dup2(2, 1)
     try:
-        yield
+        yield sys.stderr
     finally:
         sys.stdout.flush()
         os.dup2(saved, 1)
@@ -151,10 +154,13 @@ async def play_pairs(
     seed: int = 0,
     options: dict[str, Any] | None = None,
     worker: Any = None,
+    on_progress: Callable[[dict[str, float]], None] | None = None,
+    progress_every_s: float = 60.0,
 ) -> list[dict[str, Any]]:
     """Play `games` games of each ordered pair (agents[a] as alice, agents[b] as bob); one figure
     dict per pair, in order. Without a worker, scripted-only pairs run on envs.loop, others on a
-    RolloutWorker built (and shut down) here."""
+    RolloutWorker built (and shut down) here. `on_progress` gets the worker's progress (games
+    planned and done, decisions, seconds) every `progress_every_s` seconds while the games run."""
     cfg = cfg or Config()
     options = dict(options or {})
     seated = {i for pair in pairs for i in pair}
@@ -185,12 +191,28 @@ async def play_pairs(
             for p, (a, b) in enumerate(pairs)
             for g in range(games)
         ]
-        table = concat(await _call(worker, "run", specs, None, False))
+        watch = asyncio.ensure_future(_watch(worker, on_progress, progress_every_s)) if on_progress else None
+        try:
+            table = concat(await _call(worker, "run", specs, None, False))
+        finally:
+            if watch is not None:
+                watch.cancel()
     finally:
         if own:
             worker.shutdown()
     group = np.asarray(table.column("group_id"))
     return [pair_summary(game, table.filter(pa.array(group == p))) for p in range(len(pairs))]
+
+
+async def _watch(worker: Any, on_progress: Callable[[dict[str, float]], None], every_s: float) -> None:
+    """Report the worker's progress every `every_s` seconds until cancelled (for show: a failed
+    query is skipped)."""
+    while True:
+        await asyncio.sleep(every_s)
+        with contextlib.suppress(Exception):
+            fn = worker.progress
+            got = fn.remote() if hasattr(fn, "remote") else fn()
+            on_progress(await got if inspect.isawaitable(got) else got)
 
 
 def return_matrix(n: int, pairs: Sequence[Pair], results: Sequence[dict[str, Any]]) -> list[list[float]]:
@@ -237,6 +259,8 @@ async def evaluate_async(
     worker: Any = None,
     add_exploiter: bool = True,
     track: bool = True,
+    on_progress: Callable[[dict[str, float]], None] | None = None,
+    progress_every_s: float = 60.0,
 ) -> dict[str, Any]:
     """The cross-play matrix of `agents` (see the module doc). Writes evaluation.json and
     heatmap.png under `out` (a temporary directory when None), and with `track` an MLflow run
@@ -255,7 +279,8 @@ async def evaluate_async(
     run = report.open_run(cfg, parent_run, game) if track else None  # a bad parent fails now, not after the games
     try:
         t0 = time.perf_counter()
-        results = await play_pairs(game, resolved, pairs, games, cfg=cfg, seed=seed, options=options, worker=worker)
+        results = await play_pairs(game, resolved, pairs, games, cfg=cfg, seed=seed, options=options, worker=worker,
+                                   on_progress=on_progress, progress_every_s=progress_every_s)
         m = return_matrix(n, pairs, results)
         exploiter = next((nm for nm, a in zip(names, resolved, strict=True) if a.kind == "scripted"
                           and a.player is not None and a.player.policy == EXPLOITER[game]), None)
@@ -317,6 +342,14 @@ async def play_agents(
     return await play_pairs(game, agents, [(0, 1), (1, 0)], games, cfg=cfg, seed=seed, options=options, worker=worker)
 
 
+def _print_progress(p: dict[str, float], stream: TextIO) -> None:
+    """`reciprocity evaluate`'s progress line on stderr (a long tournament is otherwise silent)."""
+    from reciprocity.progress import rollout_detail
+
+    line = f"{rollout_detail(p)}, {p['seconds'] / 60:.0f} min" if p["planned"] else "starting the engine"
+    print(f"evaluate: {line}", file=stream, flush=True)
+
+
 def main(
     game: str,
     specs: list[str],
@@ -352,8 +385,9 @@ def main(
             from reciprocity.tracking import tracking_uri
 
             MlflowClient(tracking_uri(cfg)).get_run(parent_run)
-        with stdout_to_stderr():
-            result = evaluate(game, agents, games, cfg=cfg, seed=seed, options=opts, out=out, parent_run=parent_run)
+        with stdout_to_stderr() as err:
+            result = evaluate(game, agents, games, cfg=cfg, seed=seed, options=opts, out=out, parent_run=parent_run,
+                              on_progress=lambda p: _print_progress(p, err))
     except (AgentSpecError, envs.EnvConfigError, ConfigError, MlflowException) as e:
         line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"error: {line}", file=sys.stderr)

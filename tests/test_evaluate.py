@@ -229,8 +229,15 @@ def llm_setup(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
 def test_llm_matrix_on_a_shared_worker(llm_setup: dict[str, Any]) -> None:
     cfg, loop, worker, tmp = llm_setup["cfg"], llm_setup["loop"], llm_setup["worker"], llm_setup["tmp"]
     parent = parent_run(cfg, tmp)
+    seen: list[dict[str, float]] = []
     result = loop.run(ev.evaluate_async("ipd", llm_setup["agents"], 4, cfg=cfg, out=tmp / "out",
-                                        parent_run=parent, worker=worker))
+                                        parent_run=parent, worker=worker, on_progress=seen.append,
+                                        progress_every_s=0.05))
+    playing = [p for p in seen if p["planned"]]  # before: the engine was starting
+    assert playing, "no progress reported while the games ran"  # `reciprocity evaluate` prints these
+    assert all(p["planned"] == 16 * 4 for p in playing)  # every pair's games go to the worker here
+    done = [p["games"] for p in playing]
+    assert done == sorted(done) and done[-1] <= 16 * 4
     names = [a["name"] for a in result["agents"]]
     assert names == ["base", "lora-a", "tit_for_tat", "always_defect"]
     assert len(result["pairs"]) == 16 and len(result["return_matrix"]) == 4
