@@ -140,12 +140,16 @@ def load(run_dir: Path, cfg: Config) -> tuple[Path, State]:
     state = _read_state(ckpt)
     assert state is not None
     if state.fingerprint != cfg.fingerprint():
+        # the stored fingerprint may be of an older definition (one that hashed a field now known to
+        # be bookkeeping, e.g. runs_dir or learner.threads): the checkpoint's own config decides
         try:
             saved = Config.model_validate(yaml.safe_load((ckpt / "config.yaml").read_text()))
-            diff = _first_difference(saved.flat(), cfg.flat())
         except (OSError, ValueError, yaml.YAMLError):  # pydantic's ValidationError is a ValueError
-            diff = f"fingerprint {state.fingerprint}, now {cfg.fingerprint()}"
-        raise ConfigError(f"--resume {run_dir}: the checkpoint was made with another config ({diff})")
+            saved = None
+        if saved is None or saved.fingerprint() != cfg.fingerprint():
+            diff = (_first_difference(saved.flat(), cfg.flat()) if saved is not None
+                    else f"fingerprint {state.fingerprint}, now {cfg.fingerprint()}")
+            raise ConfigError(f"--resume {run_dir}: the checkpoint was made with another config ({diff})")
     return ckpt, state
 
 

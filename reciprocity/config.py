@@ -164,10 +164,12 @@ class Config(Section):
         return v
 
     def fingerprint(self) -> str:
-        """What a checkpoint must match to be resumed: everything but bookkeeping fields."""
-        # learner.threads only sets speed (and the float rounding of a matmul's reduction, as another machine would)
+        """What a checkpoint must match to be resumed: everything but bookkeeping fields. `runs_dir`
+        is where the run lives, not what it is (a run resumes from another working directory);
+        learner.threads only sets speed (and the float rounding of a matmul's reduction, as another
+        machine would)."""
         d = self.model_dump(exclude={"iterations": True, "tracking": True, "checkpoint": True, "evaluation": True,
-                                     "learner": {"threads"}})
+                                     "runs_dir": True, "learner": {"threads"}})
         if d["buffer"]["max_snapshots"] is None:  # the default: runs checkpointed before it existed resume
             del d["buffer"]["max_snapshots"]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

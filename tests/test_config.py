@@ -83,6 +83,21 @@ def test_fingerprint_ignores_bookkeeping_only() -> None:
     # the thread count is speed only: a checkpoint made before learner.threads existed still resumes
     assert a.fingerprint() == Config(learner={"threads": 1}).fingerprint()
     assert a.fingerprint() != Config(learner={"lr": 0.5}).fingerprint()
+    assert a.fingerprint() == Config(runs_dir="/elsewhere/runs").fingerprint()  # where, not what
+
+
+def test_a_checkpoint_of_an_older_fingerprint_resumes_when_its_config_matches(tmp_path: Path) -> None:
+    """A checkpoint whose stored fingerprint came from an older definition (one that hashed a field
+    now known to be bookkeeping) resumes if its own config.yaml matches; a real difference is refused."""
+    import json
+
+    cfg = Config(runs_dir=str(tmp_path / "a"))
+    tmp = checkpoint.begin(tmp_path, 2)
+    checkpoint.commit(tmp, checkpoint.State(2, 2, "run", "0123456789abcdef", {}), cfg, keep=2)
+    assert json.loads((checkpoint.latest(tmp_path) / "state.json").read_text())["fingerprint"] == "0123456789abcdef"
+    assert checkpoint.load(tmp_path, Config(runs_dir=str(tmp_path / "b")))[1].iteration == 2
+    with pytest.raises(ConfigError, match="method.beta"):
+        checkpoint.load(tmp_path, Config(method={"beta": 0.9}))
 
 
 def test_checkpoint_commit_is_atomic_and_refuses_other_config(tmp_path: Path) -> None:
