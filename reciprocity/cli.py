@@ -147,7 +147,7 @@ def train(
         typer.echo(f"config error: {e}", err=True)
         raise typer.Exit(2) from None
     from reciprocity.quiet import library_logs_to
-    from reciprocity.train import TrainError, run, run_dir_of
+    from reciprocity.train import TrainError, WorkerError, run, run_dir_of
 
     log = _log_path(run_dir_of(cfg, resume), "train", verbose)
     created = _missing_root(log.parent) if log is not None else None
@@ -161,7 +161,7 @@ def train(
                 import ray
 
                 ray.shutdown()  # its teardown logs go to the file too
-    except (ConfigError, TrainError) as e:
+    except (ConfigError, TrainError, WorkerError) as e:
         if isinstance(e, ConfigError) and log is not None:  # refused before anything ran: leave no trace
             _drop_log(log, created)
         typer.echo(f"error: {e}", err=True)

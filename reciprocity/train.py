@@ -23,9 +23,17 @@ the new version is loaded next to the old one (which the running games still use
 retired once that rollout is done. The pipeline is one iteration deep, so a batch is at most one
 version behind the learner (staleness <= 1); the learner's truncated importance weights correct for it.
 
+The actors: `Trainer.workers` is a `WorkerGroup` (actors/worker_group.py) and `Trainer.learners` a
+`LearnerGroup` (learner/learner_group.py); every call to a rollout worker or a learner rank goes
+through them, so this module holds the loop and the pool's calls only. The class reads top to
+bottom: the loop (`step`, `steps_async`), its phases in order (plan, rollout, learn, publish, log),
+evaluation, checkpoints and recovery, then the actors' start and close.
+
 Faults: a rollout worker that dies mid-iteration is restarted by Ray (`max_restarts`), reloads the
-pool's versions, and replays its share of the games; the driver then checks that the iteration holds
-exactly the planned game ids (none lost, none duplicated).
+pool's versions, and replays its share of the games (the WorkerGroup does it); the driver then checks
+that the iteration holds exactly the planned game ids (none lost, none duplicated). Every
+LearnerGroup call whose rank died raises `LearnerLost`: `iterations` replaces the ranks and restores
+from the last checkpoint (`_recover`).
 
 Periodic evaluation (`evaluation.every`): the current adapter plays each evaluation opponent
 (`scripted:NAME`, `base`, `self`) on the same workers, untrained; figures go to MLflow as
@@ -38,7 +46,6 @@ import contextlib
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,13 +58,15 @@ from rich.table import Table
 
 import envs
 from actors import trajectories
-from actors.adapters import AdapterError, AdapterRef, AdapterStore
+from actors.adapters import AdapterRef, AdapterStore
 from actors.chat import ChatTemplate
 from actors.pool import OpponentPool
 from actors.vllm_engine import lora_rank_for
 from actors.worker import MatchSpec, PlayerSpec, RolloutWorker
+from actors.worker_group import Pending, Share, WorkerError, WorkerGroup
 from envs.metrics import GameRecord, summarize
 from learner.learner import Learner, LearnerConfig
+from learner.learner_group import LearnerGroup, LearnerLost
 from reciprocity import checkpoint, launcher, progress
 from reciprocity.config import Config, ConfigError
 from reciprocity.evaluate import engine_options, sampling_of
@@ -181,16 +190,6 @@ def plan_specs(cfg: Config, run_id: str, iteration: int, pool: Any) -> list[Matc
     ]
 
 
-@dataclass
-class Pending:
-    """A rollout in flight: its specs, each worker's share and the futures of the shares."""
-
-    specs: list[MatchSpec]
-    chunks: list[list[MatchSpec]]
-    futures: dict[int, ray.ObjectRef]
-    t0: float
-
-
 def check_game_ids(table: Any, specs: list[MatchSpec]) -> None:
     """Every planned game came back exactly once (two seat rows per game id), and nothing else."""
     ids = np.asarray(table.column("game_id"))
@@ -202,26 +201,6 @@ def check_game_ids(table: Any, specs: list[MatchSpec]) -> None:
     if lost or extra or dup:
         raise TrainError(f"rollout game ids do not match the plan: lost {sorted(lost)[:8]}, unplanned "
                          f"{sorted(extra)[:8]}, not exactly two seats {dup[:8]}")
-
-
-class LearnerLost(RuntimeError):
-    """A learner rank died (its process is gone); the driver restores from the last checkpoint."""
-
-
-def _learner_get(refs: list[ray.ObjectRef]) -> list[Any]:
-    try:
-        return ray.get(refs)
-    except ray.exceptions.RayActorError as e:
-        raise LearnerLost(f"a learner rank died ({type(e).__name__})") from e
-
-
-def _raised(future: ray.ObjectRef) -> bool:
-    """Whether a finished call raised."""
-    try:
-        ray.get(future)
-        return False
-    except Exception:
-        return True
 
 
 def _learner_metrics(metrics: dict[str, Any], seconds: float) -> dict[str, Any]:
@@ -299,6 +278,11 @@ def eval_metrics(table: Any, cfg: Config, me: PlayerSpec) -> dict[str, float]:
 
 
 class Trainer:
+    """The loop: plan, rollout, learn, publish, log (`step`; `steps_async` overlaps the rollout of
+    k+1 with the update on k). Every call to the rollout workers goes through `self.workers`
+    (actors/worker_group.py), every call to the learner ranks through `self.learners`
+    (learner/learner_group.py); the pool is one actor, called here."""
+
     def __init__(self, cfg: Config, address: str | None = None, resume: Path | None = None) -> None:
         preflight(cfg)
         self.cfg = cfg
@@ -323,8 +307,8 @@ class Trainer:
         self.template = ChatTemplate.from_pretrained(str(cfg.model.path))  # decodes transcripts
         self._pending: Pending | None = None  # the async rollout in flight
         self.restores = 0
-        self.workers: list[Any] = []
-        self.learners: list[Any] = []
+        self.workers = WorkerGroup()
+        self.learners = LearnerGroup()
         self.pool: Any = None
         self.placement: launcher.Placement | None = None
         self.view: progress.Silent = progress.Silent()  # run() shows progress.RunProgress
@@ -348,203 +332,122 @@ class Trainer:
             except LearnerLost as e:
                 self._recover(e)
 
-    def _recover(self, lost: LearnerLost) -> None:
-        """Replace every learner rank (a ZeRO group cannot lose one) and restore learners, pool and
-        counters from the last checkpoint; the iterations after it are re-run and re-logged at the
-        same MLflow steps. The workers keep their engines and resync their adapters."""
-        found = checkpoint.latest(self.run_dir)
-        if found is None:
-            raise TrainError(f"{lost}; no checkpoint to restore from (set checkpoint.every)") from None
-        console.log(f"[yellow]{lost}: restoring the learners from {found.name}")
-        t0 = time.perf_counter()
-        if self._pending is not None:  # let the orphaned rollout end before its adapters are retired
-            ray.wait(list(self._pending.futures.values()), num_returns=len(self._pending.futures), timeout=600)
-            self._pending = None
-        for a in self.learners:
-            with contextlib.suppress(Exception):
-                ray.kill(a)
-        self._start_learners()
-        ckpt_dir, state = checkpoint.load(self.run_dir, self.cfg)
-        self._restore(ckpt_dir, state)
-        self._sync_adapters()
-        self.history = [h for h in self.history if h["iteration"] < self.iteration]
-        self.restores += 1
-        self.tracker.set_tag("learner_restores", str(self.restores))
-        self.tracker.log_metrics({"recovery/seconds": time.perf_counter() - t0, "recovery/to_iteration":
-                                  self.iteration}, step=self.iteration)
-
-    def _config_yaml(self) -> Path:
-        import yaml
-
-        p = self.run_dir / "config.yaml"
-        p.write_text(yaml.safe_dump(self.cfg.model_dump(), sort_keys=False))
-        return p
-
-    # -- actors ------------------------------------------------------------------------------
-    def _start_learners(self) -> None:
-        cfg = self.cfg
-        learner_cls = launcher.learner_class(Learner)
-        lcfg = learner_config(cfg)
-        rank0 = learner_cls.options(**self.placement.learner_options(0, cfg)).remote(
-            lcfg, rank=0, world_size=cfg.learner.ranks)
-        master = ray.get(rank0.master_address.remote())
-        self.learners = [rank0] + [
-            learner_cls.options(**self.placement.learner_options(r, cfg)).remote(
-                lcfg, rank=r, world_size=cfg.learner.ranks, master=master)
-            for r in range(1, cfg.learner.ranks)
-        ]
-        ray.get([a.ready.remote() for a in self.learners])
-
-    def _restore(self, ckpt_dir: Path, state: checkpoint.State) -> None:
-        """Learner ranks and pool from a checkpoint; the iteration and version counters with them."""
-        ray.get([a.load_checkpoint.remote(str(ckpt_dir / "learner")) for a in self.learners])
-        self.version, self.iteration = state.version, state.iteration
-        pool_state, adapters = checkpoint.load_pool(ckpt_dir, verify=False)  # workers check the sha256 on load
-        adapters = {k: self.store.adopt(r) for k, r in adapters.items()}  # an older checkpoint's bytes move in
-        ray.get(self.pool.load_state_dict.remote(pool_state, adapters))
-
-    def _start_actors(self) -> None:
-        cfg = self.cfg
-        self.placement = launcher.place(cfg)
-        self._start_learners()
-        self.version, self.iteration = 0, 0
-        self.pool = launcher.actor_class(OpponentPool).options(num_cpus=0).remote(
-            snapshot_every=cfg.buffer.snapshot_every, max_resident=cfg.buffer.resident_max,
-            p_buffer=cfg.buffer.p_snapshot, use_buffer=cfg.buffer.enabled, seed=cfg.seed,
-            max_snapshots=cfg.buffer.max_snapshots)
-        if self.ckpt_state is not None and self.ckpt_dir is not None:
-            self._restore(self.ckpt_dir, self.ckpt_state)
-        else:
-            ray.get(self.pool.set_current.remote(self._export(self.version), 0))
-            if self.opponent is not None:
-                ray.get(self.pool.set_fixed.remote(self.opponent.kind if self.opponent.kind in ("scripted", "api",
-                        "base") else "adapter", self.opponent.player.policy,
-                        None if self.opponent.adapter is None else self.store.put(self.opponent.adapter)))
-        worker_cls = launcher.actor_class(RolloutWorker)
-        self.workers = [worker_cls.options(**self.placement.worker_options(i, cfg)).remote(
-                            worker_config(cfg, self.run_dir, self.pool, self.opponent, index=i))
-                        for i in range(cfg.rollout.workers)]
-        for i in range(len(self.workers)):  # a worker restarted by Ray while starting is waited for
-            self._await_restart(i)
-        self._report_placement()
-
-    def _export(self, version: int) -> AdapterRef:
-        """Rank 0's export of the current adapter as `version` (every rank joins: ZeRO-3 gathers),
-        written into the adapter store by rank 0: the driver gets its AdapterRef only."""
-        return _learner_get([a.export.remote(version, str(self.store.root)) for a in self.learners])[0]
-
-    def _collect_adapters(self) -> None:
-        """Delete the stored adapter bytes that neither the pool, nor a kept checkpoint, nor the
-        version current just before the last publish (async rollouts may still read it) refers to."""
-        keep = {r.sha256 for r in ray.get(self.pool.adapters.remote()).values()}
-        keep |= checkpoint.referenced_blobs(self.run_dir) | ({self._previous} if self._previous else set())
-        self.store.collect(keep)
-
-    def _report_placement(self) -> None:
-        table = Table(title="placement")
-        for col in ("actor", "node ip", "node id", "pid"):
-            table.add_column(col)
-        self.nodes: dict[str, str] = {}
-        for name, actor in [*((f"rollout worker {i}", w) for i, w in enumerate(self.workers)),
-                            *((f"learner rank {r}", a) for r, a in enumerate(self.learners))]:
-            where = launcher.node_of(actor)
-            self.nodes[name] = where["node_id"]
-            table.add_row(name, where["ip"], where["node_id"][:12], where["pid"])
-        console.print(table)
-
     # -- one iteration -----------------------------------------------------------------------
+    def step(self) -> dict[str, Any]:
+        """One synchronous iteration: plan, rollout, learn, publish, log."""
+        it = self.iteration
+        t_iter = time.perf_counter()
+        self.view.start_iteration(it)
+        self._sync_adapters()
+        specs = self.plan(it)
+        self.view.phase("rollout", total=len(specs))
+        shares, rollout_stats = self._finish_rollout(self._start_rollout(specs))
+        _, game_metrics = self._gather(shares, specs)
+        learn_metrics = self.learn(shares)
+        pub = self.publish()
+        return self._end_iteration(it, t_iter, {**game_metrics, **rollout_stats, **learn_metrics, **pub})
+
+    def steps_async(self) -> Iterator[dict[str, Any]]:
+        """Asynchronous iterations: rollout of k+1 (on version k) overlaps the update on k."""
+        self._sync_adapters()
+        pending: Pending | None = self._start_rollout(self.plan(self.iteration))
+        while pending is not None:
+            self._pending = pending
+            it, t_iter = self.iteration, time.perf_counter()
+            self.view.start_iteration(it)
+            self.view.phase("rollout", total=len(pending.specs))
+            shares, rollout_stats = self._finish_rollout(pending)
+            self._sync_adapters()  # retire the version the finished rollout no longer needs
+            _, game_metrics = self._gather(shares, pending.specs)
+            t0 = time.perf_counter()
+            learning = self.learners.train_step([r for r, _ in shares])
+            pending = None
+            nxt = it + 1
+            if nxt < self.cfg.iterations and nxt - self.version <= self.cfg.max_staleness:
+                self._sync_adapters(nxt, unload=False)
+                pending = self._start_rollout(self.plan(nxt))
+            self._pending = pending
+            self.view.phase("learn" if pending is None else "learn (next rollout running)")
+            learn_metrics = _learner_metrics(self._wait_learners(learning)[0], time.perf_counter() - t0)
+            pub = self.publish(unload=pending is None)
+            metrics = {**game_metrics, **rollout_stats, **learn_metrics, **pub, "overlapped": int(pending is not None)}
+            yield self._end_iteration(it, t_iter, metrics)
+            if pending is None and self.iteration < self.cfg.iterations:
+                self._sync_adapters()
+                pending = self._start_rollout(self.plan(self.iteration))
+
+    # plan
+    def plan(self, iteration: int) -> list[MatchSpec]:
+        """The match specs of `iteration` (seats from the pool, seeds per seed group)."""
+        return plan_specs(self.cfg, self.tracker.run_id, iteration, self.pool)
+
+    # rollout
     def _sync_adapters(self, iteration: int | None = None, unload: bool = True) -> None:
         """Every worker holds the pool's versions for `iteration` (current + resident snapshots):
         load what is missing (validated and probed); with `unload`, retire what is no longer used
         (async mode keeps the previous version while a rollout on it is still running)."""
         it = self.iteration if iteration is None else iteration
         versions: list[AdapterRef] = ray.get(self.pool.versions.remote(it))  # metadata: key, sha256, path
-        futures = [w.sync_adapters.remote(versions, unload) for w in self.workers]  # all at once
-        try:
-            ray.get(futures)
-        except ray.exceptions.RayTaskError as e:
-            if isinstance(e.cause, AdapterError):
-                i = next(i for i, f in enumerate(futures) if _raised(f))
-                raise TrainError(f"rollout worker {i} rejected an adapter: {e.cause}") from None
-            raise
+        self.workers.sync_adapters(versions, unload)
 
     def _start_rollout(self, specs: list[MatchSpec]) -> Pending:
         """Split `specs` across the workers and start playing them (non-blocking)."""
-        chunks = [specs[i::len(self.workers)] for i in range(len(self.workers))]
-        futures = {i: self.workers[i].rollout.remote(chunk, self.cfg.rollout.concurrency)
-                   for i, chunk in enumerate(chunks) if chunk}
-        return Pending(specs, chunks, futures, time.perf_counter())
+        return self.workers.start_rollout(specs, self.cfg.rollout.concurrency)
 
-    def _finish_rollout(self, pending: Pending) -> tuple[list[tuple[ray.ObjectRef, Any]], dict[str, Any]]:
-        """Wait for a rollout: (object ref of a record batch, its summary) per group of games;
-        replay the share of a worker that died (Ray restarts it and it reloads the pool's versions)."""
-        refs: list[tuple[ray.ObjectRef, Any]] = []
-        replays = 0
-        for i, future in pending.futures.items():
-            for attempt in range(launcher.WORKER_MAX_RESTARTS + 1):
-                try:
-                    refs += self._wait_rollout(future)
-                    break
-                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
-                    if attempt == launcher.WORKER_MAX_RESTARTS:
-                        raise TrainError(f"rollout worker {i} died {attempt + 1} times: {e}") from None
-                    replays += 1
-                    self.view.warn(f"rollout worker {i} died ({type(e).__name__}); waiting for its restart to "
-                                   f"replay {len(pending.chunks[i])} games")
-                    self._await_restart(i)
-                    future = self.workers[i].rollout.remote(pending.chunks[i], self.cfg.rollout.concurrency)
+    def _finish_rollout(self, pending: Pending) -> tuple[list[Share], dict[str, Any]]:
+        """Wait for a rollout: (object ref of a record batch, its summary) per group of games (a
+        worker that died is restarted by Ray and its share replayed), and the rollout's figures."""
+        shares, replays = self.workers.finish_rollout(pending, poll=self._show_rollout, warn=self.view.warn,
+                                                      poll_s=progress.POLL_S)
         stats: dict[str, Any] = {"seconds/rollout": time.perf_counter() - pending.t0, "rollout/replays": replays}
-        lasts = [s["last"] for s in ray.get([w.stats.remote() for w in self.workers])]
+        lasts = [s["last"] for s in self.workers.stats()]
         stats["rollout/tokens_per_s"] = sum(s.get("tokens_per_s", 0.0) for s in lasts)
         stats["rollout/worker_seconds_max"] = max((s.get("seconds", 0.0) for s in lasts), default=0.0)
         forfeits = sum(s.get("api_forfeits", 0.0) for s in lasts)
         if forfeits:
             stats["rollout/api_forfeits"] = forfeits
             self.view.warn(f"{int(forfeits)} API opponent decision(s) forfeited (the endpoint kept failing)")
-        return refs, stats
+        return shares, stats
 
-    def _wait_rollout(self, future: ray.ObjectRef) -> list[tuple[ray.ObjectRef, Any]]:
-        """ray.get(future), showing the workers' progress every POLL_S seconds while it runs."""
-        while not ray.wait([future], timeout=progress.POLL_S)[0]:
-            with contextlib.suppress(Exception):  # progress is for show; a dead worker's future raises below
-                p = progress.sum_progress(ray.get([w.progress.remote() for w in self.workers],
-                                                  timeout=progress.POLL_S))
-                self.view.update(completed=p["games"], total=p["planned"], detail=progress.rollout_detail(p))
-            self.view.tick()
-        return ray.get(future)
+    def _show_rollout(self) -> None:
+        """The workers' summed progress on the view (polled while a rollout runs)."""
+        with contextlib.suppress(Exception):  # progress is for show; a dead worker's future raises in the group
+            p = progress.sum_progress(self.workers.progress(timeout=progress.POLL_S))
+            self.view.update(completed=p["games"], total=p["planned"], detail=progress.rollout_detail(p))
+        self.view.tick()
 
-    def _wait_learners(self, futures: list[ray.ObjectRef]) -> list[Any]:
-        """The learner ranks' train_step results, showing rank 0's micro-batches while they run. Once
-        any rank is done (or dead) it is a blocking get, as before: a lost rank raises at once."""
-        while not ray.wait(futures, num_returns=1, timeout=progress.POLL_S)[0]:
-            with contextlib.suppress(Exception):  # for show only: a lost rank raises in _learner_get
-                p = ray.get(self.learners[0].progress.options(concurrency_group=launcher.PROGRESS_GROUP).remote(),
-                            timeout=progress.POLL_S)
-                if p["micro_batches"]:
-                    self.view.update(completed=p["micro_batches_done"], total=p["micro_batches"],
-                                     detail=f"{p['micro_batches_done']}/{p['micro_batches']} micro-batches")
-            self.view.tick()
-        return _learner_get(futures)
+    def _gather(self, shares: list[Share], specs: list[MatchSpec]) -> tuple[Any, dict[str, Any]]:
+        """The iteration's summary table (no token columns: those stay behind the refs, for the
+        learner) and its game figures (and the game-id check); the pool's Elo from the summaries."""
+        t0 = time.perf_counter()
+        table = trajectories.concat_summaries([s for _, s in shares])
+        check_game_ids(table, specs)
+        game_metrics = iteration_metrics(table, self.cfg.game.name)
+        self.pool.record_batch.remote(table)
+        return table, {**game_metrics, "seconds/transfer": time.perf_counter() - t0}
 
-    def _await_restart(self, i: int, timeout_s: float = 600.0) -> None:
-        """Block until worker i answers again (Ray restarts it; its `ready` reloads the adapters)."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                ray.get(self.workers[i].ready.remote(), timeout=max(1.0, deadline - time.monotonic()))
-                return
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
-                    ray.exceptions.GetTimeoutError) as e:
-                if time.monotonic() > deadline or isinstance(e, ray.exceptions.ActorDiedError):
-                    raise TrainError(f"rollout worker {i} did not come back: {e}") from None
-                time.sleep(1.0)
-
-    def learn(self, shares: list[tuple[ray.ObjectRef, Any]]) -> dict[str, Any]:
+    # learn
+    def learn(self, shares: list[Share]) -> dict[str, Any]:
+        """One optimizer step of every learner rank on the batches' refs (each rank resolves them)."""
         t0 = time.perf_counter()
         self.view.phase("learn")
-        metrics = self._wait_learners(self._train_step(shares))[0]
+        metrics = self._wait_learners(self.learners.train_step([r for r, _ in shares]))[0]
         return _learner_metrics(metrics, time.perf_counter() - t0)
 
+    def _wait_learners(self, futures: list[ray.ObjectRef]) -> list[Any]:
+        """The learner ranks' train_step results, showing rank 0's micro-batches while they run."""
+        return self.learners.wait(futures, poll=self._show_learning, poll_s=progress.POLL_S)
+
+    def _show_learning(self) -> None:
+        """Rank 0's micro-batches on the view (polled while a step runs)."""
+        with contextlib.suppress(Exception):  # for show only: a lost rank raises in the group's wait
+            p = self.learners.progress(timeout=progress.POLL_S)
+            if p["micro_batches"]:
+                self.view.update(completed=p["micro_batches_done"], total=p["micro_batches"],
+                                 detail=f"{p['micro_batches_done']}/{p['micro_batches']} micro-batches")
+        self.view.tick()
+
+    # publish
     def publish(self, unload: bool = True) -> dict[str, Any]:
         """Export version k+1, make it the pool's current (snapshot on cadence), serve it."""
         t0 = time.perf_counter()
@@ -556,72 +459,26 @@ class Trainer:
         self.iteration += 1
         self._previous = previous.sha256
         self._sync_adapters(unload=unload)
-        errors = ray.get([w.probe_error.remote(version.key) for w in self.workers])
+        errors = self.workers.probe_errors(version.key)
         self._collect_adapters()
         if froze:
             self.log_adapter(version)
         return {"seconds/publish": time.perf_counter() - t0, "version": self.version, "snapshot": int(froze),
                 "probe_error": max(errors) if errors else 0.0}
 
-    def _gather(self, shares: list[tuple[ray.ObjectRef, Any]], specs: list[MatchSpec]) -> tuple[Any, dict[str, Any]]:
-        """The iteration's summary table (no token columns: those stay behind the refs, for the
-        learner) and its game figures (and the game-id check); the pool's Elo from the summaries."""
-        t0 = time.perf_counter()
-        table = trajectories.concat_summaries([s for _, s in shares])
-        check_game_ids(table, specs)
-        game_metrics = iteration_metrics(table, self.cfg.game.name)
-        self.pool.record_batch.remote(table)
-        return table, {**game_metrics, "seconds/transfer": time.perf_counter() - t0}
+    def _export(self, version: int) -> AdapterRef:
+        """Rank 0's export of the current adapter as `version`, written into the adapter store: the
+        driver gets its AdapterRef only."""
+        return self.learners.export(version, str(self.store.root))
 
-    def _train_step(self, shares: list[tuple[ray.ObjectRef, Any]]) -> list[ray.ObjectRef]:
-        """Every learner rank's train_step on the batches' refs (each rank resolves them itself)."""
-        refs = [r for r, _ in shares]
-        return [a.train_step.remote(refs) for a in self.learners]
+    def _collect_adapters(self) -> None:
+        """Delete the stored adapter bytes that neither the pool, nor a kept checkpoint, nor the
+        version current just before the last publish (async rollouts may still read it) refers to."""
+        keep = {r.sha256 for r in ray.get(self.pool.adapters.remote()).values()}
+        keep |= checkpoint.referenced_blobs(self.run_dir) | ({self._previous} if self._previous else set())
+        self.store.collect(keep)
 
-    def step(self) -> dict[str, Any]:
-        """One synchronous iteration: rollout, learn, publish, log."""
-        it = self.iteration
-        t_iter = time.perf_counter()
-        self.view.start_iteration(it)
-        self._sync_adapters()
-        specs = plan_specs(self.cfg, self.tracker.run_id, it, self.pool)
-        self.view.phase("rollout", total=len(specs))
-        refs, rollout_stats = self._finish_rollout(self._start_rollout(specs))
-        _, game_metrics = self._gather(refs, specs)
-        learn_metrics = self.learn(refs)
-        pub = self.publish()
-        return self._end_iteration(it, t_iter, {**game_metrics, **rollout_stats, **learn_metrics, **pub})
-
-    def steps_async(self) -> Iterator[dict[str, Any]]:
-        """Asynchronous iterations: rollout of k+1 (on version k) overlaps the update on k."""
-        self._sync_adapters()
-        pending: Pending | None = self._start_rollout(plan_specs(self.cfg, self.tracker.run_id, self.iteration,
-                                                                 self.pool))
-        while pending is not None:
-            self._pending = pending
-            it, t_iter = self.iteration, time.perf_counter()
-            self.view.start_iteration(it)
-            self.view.phase("rollout", total=len(pending.specs))
-            refs, rollout_stats = self._finish_rollout(pending)
-            self._sync_adapters()  # retire the version the finished rollout no longer needs
-            _, game_metrics = self._gather(refs, pending.specs)
-            t0 = time.perf_counter()
-            learning = self._train_step(refs)
-            pending = None
-            nxt = it + 1
-            if nxt < self.cfg.iterations and nxt - self.version <= self.cfg.max_staleness:
-                self._sync_adapters(nxt, unload=False)
-                pending = self._start_rollout(plan_specs(self.cfg, self.tracker.run_id, nxt, self.pool))
-            self._pending = pending
-            self.view.phase("learn" if pending is None else "learn (next rollout running)")
-            learn_metrics = _learner_metrics(self._wait_learners(learning)[0], time.perf_counter() - t0)
-            pub = self.publish(unload=pending is None)
-            metrics = {**game_metrics, **rollout_stats, **learn_metrics, **pub, "overlapped": int(pending is not None)}
-            yield self._end_iteration(it, t_iter, metrics)
-            if pending is None and self.iteration < self.cfg.iterations:
-                self._sync_adapters()
-                pending = self._start_rollout(plan_specs(self.cfg, self.tracker.run_id, self.iteration, self.pool))
-
+    # log
     def _end_iteration(self, it: int, t_iter: float, metrics: dict[str, Any]) -> dict[str, Any]:
         """Periodic evaluation, MLflow, history, checkpoint (the iteration counter is it + 1)."""
         ev = self.cfg.evaluation
@@ -644,8 +501,8 @@ class Trainer:
         me = PlayerSpec("llm", current.name, current.version, adapter=current.key)
         specs = plan_eval_specs(cfg, self.tracker.run_id, self.iteration, me)
         self.view.phase("evaluate", total=len(specs))
-        refs, _ = self._finish_rollout(self._start_rollout(specs))
-        table = trajectories.concat(ray.get([r for r, _ in refs]))  # the transcripts need the tokens
+        shares, _ = self._finish_rollout(self._start_rollout(specs))
+        table = trajectories.concat(ray.get([r for r, _ in shares]))  # the transcripts need the tokens
         check_game_ids(table, specs)
         out = eval_metrics(table, cfg, me)
         page = transcripts_html(table, self.template.decode, f"{cfg.run_name}: evaluation at iteration "
@@ -669,11 +526,11 @@ class Trainer:
                               title=f"{self.cfg.run_name}: {self.cfg.game.name} / {self.cfg.method.name}")
             self.tracker.log_artifact(png, "plots")
 
-    # -- checkpoints -------------------------------------------------------------------------
+    # -- checkpoints and recovery ------------------------------------------------------------
     def save_checkpoint(self) -> Path:
         self.view.phase("checkpoint")
         tmp = checkpoint.begin(self.run_dir, self.iteration)
-        _learner_get([a.save_checkpoint.remote(str(tmp / "learner")) for a in self.learners])
+        self.learners.save_checkpoint(str(tmp / "learner"))
         checkpoint.save_pool(tmp, ray.get(self.pool.state_dict.remote()), ray.get(self.pool.adapters.remote()))
         state = checkpoint.State(self.iteration, self.version, self.tracker.run_id, self.cfg.fingerprint(),
                                  rng={"seed": self.cfg.seed})
@@ -683,16 +540,94 @@ class Trainer:
         self.log_curves()
         return path
 
+    def _restore(self, ckpt_dir: Path, state: checkpoint.State) -> None:
+        """Learner ranks and pool from a checkpoint; the iteration and version counters with them."""
+        self.learners.load_checkpoint(str(ckpt_dir / "learner"))
+        self.version, self.iteration = state.version, state.iteration
+        pool_state, adapters = checkpoint.load_pool(ckpt_dir, verify=False)  # workers check the sha256 on load
+        adapters = {k: self.store.adopt(r) for k, r in adapters.items()}  # an older checkpoint's bytes move in
+        ray.get(self.pool.load_state_dict.remote(pool_state, adapters))
+
+    def _recover(self, lost: LearnerLost) -> None:
+        """Replace every learner rank (a ZeRO group cannot lose one) and restore learners, pool and
+        counters from the last checkpoint; the iterations after it are re-run and re-logged at the
+        same MLflow steps. The workers keep their engines and resync their adapters."""
+        found = checkpoint.latest(self.run_dir)
+        if found is None:
+            raise TrainError(f"{lost}; no checkpoint to restore from (set checkpoint.every)") from None
+        console.log(f"[yellow]{lost}: restoring the learners from {found.name}")
+        t0 = time.perf_counter()
+        if self._pending is not None:  # let the orphaned rollout end before its adapters are retired
+            self.workers.settle(self._pending, timeout_s=600)
+            self._pending = None
+        self.learners.kill()
+        self._start_learners()
+        ckpt_dir, state = checkpoint.load(self.run_dir, self.cfg)
+        self._restore(ckpt_dir, state)
+        self._sync_adapters()
+        self.history = [h for h in self.history if h["iteration"] < self.iteration]
+        self.restores += 1
+        self.tracker.set_tag("learner_restores", str(self.restores))
+        self.tracker.log_metrics({"recovery/seconds": time.perf_counter() - t0, "recovery/to_iteration":
+                                  self.iteration}, step=self.iteration)
+
+    def _config_yaml(self) -> Path:
+        import yaml
+
+        p = self.run_dir / "config.yaml"
+        p.write_text(yaml.safe_dump(self.cfg.model_dump(), sort_keys=False))
+        return p
+
+    # -- the actors --------------------------------------------------------------------------
+    def _start_actors(self) -> None:
+        """Placement groups, the learner ranks, the pool (version 0, or the checkpoint resumed), the
+        rollout workers (which load the pool's versions at start); where each one runs."""
+        cfg = self.cfg
+        self.placement = launcher.place(cfg)
+        self._start_learners()
+        self.version, self.iteration = 0, 0
+        self.pool = launcher.actor_class(OpponentPool).options(num_cpus=0).remote(
+            snapshot_every=cfg.buffer.snapshot_every, max_resident=cfg.buffer.resident_max,
+            p_buffer=cfg.buffer.p_snapshot, use_buffer=cfg.buffer.enabled, seed=cfg.seed,
+            max_snapshots=cfg.buffer.max_snapshots)
+        if self.ckpt_state is not None and self.ckpt_dir is not None:
+            self._restore(self.ckpt_dir, self.ckpt_state)
+        else:
+            ray.get(self.pool.set_current.remote(self._export(self.version), 0))
+            if self.opponent is not None:
+                ray.get(self.pool.set_fixed.remote(self.opponent.kind if self.opponent.kind in ("scripted", "api",
+                        "base") else "adapter", self.opponent.player.policy,
+                        None if self.opponent.adapter is None else self.store.put(self.opponent.adapter)))
+        indices = range(cfg.rollout.workers)
+        self.workers = WorkerGroup.start(
+            launcher.actor_class(RolloutWorker), [self.placement.worker_options(i, cfg) for i in indices],
+            [worker_config(cfg, self.run_dir, self.pool, self.opponent, index=i) for i in indices],
+            max_restarts=launcher.WORKER_MAX_RESTARTS)
+        self._report_placement()
+
+    def _start_learners(self) -> None:
+        cfg = self.cfg
+        self.learners = LearnerGroup.start(launcher.learner_class(Learner), learner_config(cfg),
+                                           [self.placement.learner_options(r, cfg) for r in range(cfg.learner.ranks)],
+                                           progress_group=launcher.PROGRESS_GROUP)
+
+    def _report_placement(self) -> None:
+        table = Table(title="placement")
+        for col in ("actor", "node ip", "node id", "pid"):
+            table.add_column(col)
+        self.nodes: dict[str, str] = {}
+        for name, where in [*((f"rollout worker {i}", w) for i, w in enumerate(self.workers.nodes())),
+                            *((f"learner rank {r}", a) for r, a in enumerate(self.learners.nodes()))]:
+            self.nodes[name] = where["node_id"]
+            table.add_row(name, where["ip"], where["node_id"][:12], where["pid"])
+        console.print(table)
+
     def close(self) -> None:
-        for w in self.workers:
-            with contextlib.suppress(Exception):  # a dead worker needs no shutdown
-                ray.get(w.shutdown.remote(), timeout=30)
+        self.workers.close()
+        self.learners.kill()
+        if self.pool is not None:
             with contextlib.suppress(Exception):
-                ray.kill(w)
-        for a in [*self.learners, self.pool]:
-            if a is not None:
-                with contextlib.suppress(Exception):
-                    ray.kill(a)
+                ray.kill(self.pool)
         if self.placement is not None:
             self.placement.remove()
 
@@ -771,4 +706,4 @@ def _summary(cfg: Config, trainer: Trainer) -> None:
     console.print(f"checkpoints:  {checkpoint.checkpoints_dir(trainer.run_dir)}")
 
 
-__all__ = ["TrainError", "Trainer", "run"]
+__all__ = ["LearnerLost", "TrainError", "Trainer", "WorkerError", "run"]
