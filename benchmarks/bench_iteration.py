@@ -136,8 +136,6 @@ def model_params(path: Path) -> int:
 
 
 def measure(iterations: int, overrides: list[str]) -> dict[str, Any]:
-    import ray
-
     from reciprocity.config import load_config
     from reciprocity.train import Trainer
 
@@ -153,7 +151,7 @@ def measure(iterations: int, overrides: list[str]) -> dict[str, Any]:
     status = "FAILED"
     try:
         history = list(trainer.iterations())
-        engines = [s.get("engine", {}) for s in ray.get([w.stats.remote() for w in trainer.workers])]
+        engines = [s.get("engine", {}) for s in trainer.workers.stats()]
         status = "FINISHED"
     finally:
         trainer.tracker.finish(status)

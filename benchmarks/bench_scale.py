@@ -183,23 +183,21 @@ class Watch:
 
 def driver(run_dir: Path, workers: int, pool: Any, cfg: Any) -> Any:
     """A Trainer with the real publish/sync/rollout/gather code and bench stand-ins for the learner."""
-    import ray
-
     from actors.adapters import AdapterStore
     from actors.worker import RolloutWorker
+    from actors.worker_group import WorkerGroup
+    from learner.learner_group import LearnerGroup
     from reciprocity import checkpoint, launcher, progress, train
 
     t = train.Trainer.__new__(train.Trainer)
     t.cfg, t.run_dir, t.pool, t.view = cfg, run_dir, pool, progress.Silent()
     t.store = AdapterStore(checkpoint.adapter_store(run_dir))
     t.version = t.iteration = 0
-    t._previous, t.learners = None, []
-    worker_cls = launcher.actor_class(RolloutWorker)
-    t.workers = [worker_cls.options(num_cpus=0).remote({
+    t._previous, t.learners = None, LearnerGroup()  # no ranks: `_export` is the bench's own
+    t.workers = WorkerGroup.start(launcher.actor_class(RolloutWorker), [{"num_cpus": 0}] * workers, [{
         "model": str(ROOT / "models" / "smollm2-135m-instruct"), "engine_factory": "bench_scale:disk_engine",
         "engine": {"adapter_root": str(run_dir / "served-adapters" / f"worker-{i}")}, "adapter_source": pool,
-        "check_template": False, "concurrency": 64}) for i in range(workers)]
-    ray.get([w.ready.remote() for w in t.workers])
+        "check_template": False, "concurrency": 64} for i in range(workers)], max_restarts=0)
     t.log_adapter = lambda version: None  # MLflow is not part of this rehearsal
     return t
 
