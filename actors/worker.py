@@ -130,17 +130,28 @@ class RolloutWorker:
         self.loaded: dict[str, str] = {}  # served key -> sha256 (the bytes stay with the engine)
         self._text_engines: dict[tuple[str, str], TextEngine] = {}
         self._started: asyncio.Task | None = None
+        self._engine_started: asyncio.Task | None = None
         self.totals: dict[str, float] = defaultdict(float)
         self.last: dict[str, float] = {}
         self._progress = {"planned": 0, "games": 0, "requests0": 0, "t0": time.perf_counter()}
 
     # -- adapters ----------------------------------------------------------------------------
-    async def _start(self) -> None:
+    async def _start_engine(self) -> None:
         start = getattr(self.engine, "start", None)
         if start is not None:
             out = start()
             if asyncio.iscoroutine(out):
                 await out
+
+    async def start_engine(self) -> None:
+        """Start the engine only, once (no adapters yet): the driver calls it as soon as the actor
+        exists, so the engine boots while the learner starts and exports the first version."""
+        if self._engine_started is None:
+            self._engine_started = asyncio.ensure_future(self._start_engine())
+        await asyncio.shield(self._engine_started)
+
+    async def _start(self) -> None:
+        await self.start_engine()
         versions = [await _resolve(v) for v in self.config.get("adapters", [])]
         source = self.config.get("adapter_source")
         if source is not None:

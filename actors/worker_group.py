@@ -2,8 +2,10 @@
 detection of their death, in one place (as RLlib's EnvRunnerGroup and OpenRLHF's RayActorGroup).
 
 The driver (reciprocity/train.py) says what to do; the group does it on every worker:
-- `start`: create the actors (class, options and configs from reciprocity/launcher.py) and wait until
-  each one answers (a worker that Ray restarts while starting is waited for);
+- `create` / `wait_ready` (or `start`, both): create the actors (class, options and configs from
+  reciprocity/launcher.py) and have them boot their engines at once, then, once the adapter source
+  holds the first versions, wait until each one answers (a worker that Ray restarts while starting
+  is waited for);
 - `sync_adapters`: every worker loads the versions it lacks and retires the rest, all at once (one
   `ray.get` over all); a worker that rejects a version is named;
 - `start_rollout` / `finish_rollout`: the specs split round-robin into one share per worker, played
@@ -69,17 +71,35 @@ class WorkerGroup:
         self.max_restarts = max_restarts  # Ray's max_restarts of each worker: replays of one share
 
     @classmethod
+    def create(cls, actor_cls: Any, options: Sequence[dict[str, Any]], configs: Sequence[dict[str, Any]],
+               max_restarts: int) -> WorkerGroup:
+        """Worker i = `actor_cls.options(**options[i]).remote(configs[i])`, all created at once, each
+        told to start its engine (no adapters yet) without waiting: the engines boot while the driver
+        does the rest of its start-up (the learner's start and first export). `wait_ready` waits."""
+        group = cls([actor_cls.options(**o).remote(c) for o, c in zip(options, configs, strict=True)], max_restarts)
+        for w in group.actors:
+            start_engine = getattr(w, "start_engine", None)
+            if start_engine is not None:  # fire and forget: a failed start raises again in `ready`
+                start_engine.remote()
+        return group
+
+    def wait_ready(self) -> None:
+        """Wait until every worker has started its engine and loaded the adapter source's versions,
+        one after another (a worker that Ray restarts while starting is waited for); a failed start
+        kills every worker of the group."""
+        try:
+            for i in range(len(self)):
+                self.await_restart(i)
+        except BaseException:
+            self.close()
+            raise
+
+    @classmethod
     def start(cls, actor_cls: Any, options: Sequence[dict[str, Any]], configs: Sequence[dict[str, Any]],
               max_restarts: int) -> WorkerGroup:
-        """Worker i = `actor_cls.options(**options[i]).remote(configs[i])`, all created at once, then
-        waited for one after another; nothing half-started outlives a failed start."""
-        group = cls([actor_cls.options(**o).remote(c) for o, c in zip(options, configs, strict=True)], max_restarts)
-        try:
-            for i in range(len(group)):  # a worker restarted by Ray while starting is waited for
-                group.await_restart(i)
-        except BaseException:
-            group.close()
-            raise
+        """`create` then `wait_ready`: nothing half-started outlives a failed start."""
+        group = cls.create(actor_cls, options, configs, max_restarts)
+        group.wait_ready()
         return group
 
     def __len__(self) -> int:

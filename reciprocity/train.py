@@ -580,16 +580,23 @@ class Trainer:
 
     # -- the actors --------------------------------------------------------------------------
     def _start_actors(self) -> None:
-        """Placement groups, the learner ranks, the pool (version 0, or the checkpoint resumed), the
-        rollout workers (which load the pool's versions at start); where each one runs."""
+        """Placement groups, the pool, the rollout workers (their engines boot from here on), the
+        learner ranks, the pool's version 0 (or the checkpoint resumed), then the workers loading the
+        pool's versions; where each one runs. The engines' boot overlaps the learners' start: on
+        CPU each takes most of a minute, and neither needs the other until the first version exists."""
         cfg = self.cfg
         self.placement = launcher.place(cfg)
-        self._start_learners()
-        self.version, self.iteration = 0, 0
         self.pool = launcher.actor_class(OpponentPool).options(num_cpus=0).remote(
             snapshot_every=cfg.buffer.snapshot_every, max_resident=cfg.buffer.resident_max,
             p_buffer=cfg.buffer.p_snapshot, use_buffer=cfg.buffer.enabled, seed=cfg.seed,
             max_snapshots=cfg.buffer.max_snapshots)
+        indices = range(cfg.rollout.workers)
+        self.workers = WorkerGroup.create(
+            launcher.actor_class(RolloutWorker), [self.placement.worker_options(i, cfg) for i in indices],
+            [worker_config(cfg, self.run_dir, self.pool, self.opponent, index=i) for i in indices],
+            max_restarts=launcher.WORKER_MAX_RESTARTS)
+        self._start_learners()
+        self.version, self.iteration = 0, 0
         if self.ckpt_state is not None and self.ckpt_dir is not None:
             self._restore(self.ckpt_dir, self.ckpt_state)
         else:
@@ -598,11 +605,7 @@ class Trainer:
                 ray.get(self.pool.set_fixed.remote(self.opponent.kind if self.opponent.kind in ("scripted", "api",
                         "base") else "adapter", self.opponent.player.policy,
                         None if self.opponent.adapter is None else self.store.put(self.opponent.adapter)))
-        indices = range(cfg.rollout.workers)
-        self.workers = WorkerGroup.start(
-            launcher.actor_class(RolloutWorker), [self.placement.worker_options(i, cfg) for i in indices],
-            [worker_config(cfg, self.run_dir, self.pool, self.opponent, index=i) for i in indices],
-            max_restarts=launcher.WORKER_MAX_RESTARTS)
+        self.workers.wait_ready()
         self._report_placement()
 
     def _start_learners(self) -> None:

@@ -158,6 +158,16 @@ def test_a_failed_start_closes_every_worker_it_made(fake_ray: list[Any]) -> None
     assert len(fake_ray) == 2  # both killed
 
 
+def test_created_workers_boot_their_engines_before_anyone_waits_for_them() -> None:
+    """`create` tells every worker to start its engine and returns at once (the driver starts the
+    learner meanwhile); only `wait_ready` asks for `ready`, which loads the adapters."""
+    cls = ActorClass(lambda i: Actor(start_engine=None, ready=None))
+    group = WorkerGroup.create(cls, [{"num_cpus": 1}] * 2, [{"i": 0}, {"i": 1}], max_restarts=0)
+    assert [[name for name, _ in w.calls] for w in group] == [["start_engine"], ["start_engine"]]
+    group.wait_ready()
+    assert [[name for name, _ in w.calls] for w in group] == [["start_engine", "ready"]] * 2
+
+
 def test_learner_ranks_start_rank0_first_with_its_address_for_the_others() -> None:
     cls = ActorClass(lambda r: Actor(master_address="10.0.0.1:2345", ready=True))
     group = LearnerGroup.start(cls, "cfg", [{"rank": r} for r in range(3)], progress_group="progress")

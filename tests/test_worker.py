@@ -87,6 +87,43 @@ def test_worker_restart_reloads_from_the_adapter_source(model_dir: Path) -> None
     assert asyncio.run(go()) == ["learner@v2", "learner@v4"]
 
 
+ENGINE_STARTS: list[str] = []
+
+
+def counting_engine(config: dict[str, Any]) -> Any:
+    """A RolloutWorker `engine_factory` ("test_worker:counting_engine"): a FakeEngine whose `start`
+    is counted and takes a moment, as a real engine's boot does."""
+    from support import fake_engine
+
+    engine = fake_engine(config)
+
+    async def start() -> None:
+        ENGINE_STARTS.append(config["model"])
+        await asyncio.sleep(0.05)
+
+    engine.start = start
+    return engine
+
+
+def test_engine_boots_once_before_the_first_version_exists(model_dir: Path) -> None:
+    """The driver has the engine boot (`start_engine`) while the learner exports version 0; `ready`
+    then loads the pool's versions on that same engine, never starting it twice."""
+    pool = OpponentPool(snapshot_every=2)
+    config = {"model": str(model_dir), "engine_factory": "test_worker:counting_engine", "adapter_source": pool}
+
+    async def go() -> tuple[list[str], list[str]]:
+        w = RolloutWorker(config)
+        await asyncio.gather(w.start_engine(), w.start_engine())
+        before = w.adapters()
+        pool.set_current(tiny_version("learner", 0), 0)
+        await asyncio.gather(w.ready(), w.ready())
+        return before, w.adapters()
+
+    ENGINE_STARTS.clear()
+    assert asyncio.run(go()) == ([], ["learner@v0"])
+    assert len(ENGINE_STARTS) == 1 and ENGINE_STARTS[0] == str(model_dir)
+
+
 def test_sampling_spec_reaches_the_engine(worker: RolloutWorker) -> None:
     a = PlayerSpec("llm", "a", 1, adapter="a@v1")
     specs = ipd_specs(a, a, 1, 1, options={"n_rounds": 2}, sampling=SamplingSpec(0.7, 0.9, 4, free_samples=1))
