@@ -113,17 +113,12 @@ def recorder(meter: TreeMeter) -> Any:
 def engine_peak(threads: int = 1) -> float:
     """Measured bf16 matmul FLOP/s at the engine's thread count (the engine computes in bf16)."""
     import torch
+    from bench_learner import matmul_peak  # the one matmul timing of the benchmarks
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        n = 1024
-        a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
-        a @ b
-        t, reps = time.perf_counter(), 4
-        for _ in range(reps):
-            a @ b
-        return 2 * n**3 * reps / (time.perf_counter() - t)
+        return matmul_peak(torch.bfloat16, 1024, 4)
     finally:
         torch.set_num_threads(before)
 
