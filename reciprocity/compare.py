@@ -25,8 +25,10 @@ FIGURES: dict[str, tuple[str, ...]] = {
     "split_nocomm": ("efficiency", "welfare_per_round", "fairness", "return_per_round",
                      "eval/greedy/return_per_round", "eval/greedy/opponent_return_per_round",
                      "eval/welfare_maximising/return_per_round", "eval/welfare_maximising/fairness"),
-    "trust_and_split": ("efficiency", "welfare_per_round", "fairness", "honest_claim_rate", "mean_message_chars",
-                        "eval/always_claim_10/return_per_round", "eval/truthful/return_per_round"),
+    "trust_and_split": ("efficiency", "welfare_per_round", "fairness", "return_per_round", "honest_claim_rate",
+                        "mean_message_chars", "eval/always_claim_10/return_per_round",
+                        "eval/always_claim_10/opponent_return_per_round", "eval/truthful/return_per_round",
+                        "eval/truthful/opponent_return_per_round"),
 }
 
 
@@ -66,7 +68,8 @@ def fetch(run_ids: Sequence[str], uri: str) -> tuple[dict[str, dict[str, Any]], 
             name = f"{name} ({rid[:8]})"
         history = {f: [(m.step, m.value) for m in client.get_metric_history(rid, f)]
                    for f in FIGURES.get(game, FIGURES["ipd"])}
-        steps = {step for step, _ in history.get("cooperation_rate") or history["return_per_round"]}
+        # iterations: the steps of the per-iteration figures (an `eval/` figure has its cadence's only)
+        steps = {step for f, points in history.items() if not f.startswith("eval/") for step, _ in points}
         end = run.info.end_time or run.info.start_time
         runs[name] = {"run_id": rid, "history": history, "iterations": len(steps),
                       "minutes": (end - run.info.start_time) / 60000.0, "last": last_values(history)}

@@ -91,6 +91,10 @@ def plot_comparison(histories: Mapping[str, Mapping[str, Sequence[tuple[int, flo
             ax.set_ylim(-0.02, 1.02)
         ax.set_title(figure, fontsize=9)
         ax.set_xlabel("iteration", fontsize=8)
+        lo, hi = ax.get_xlim()
+        if hi - lo < 1:  # one point (an evaluation figure): whole iterations around it, not 0.945..1.05
+            mid = round((lo + hi) / 2)
+            ax.set_xlim(mid - 1, mid + 1)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(figures):]:

@@ -77,3 +77,27 @@ def test_compare_cli_one_line_error_for_an_unknown_run(tmp_path: Path) -> None:
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "deadbeef" in last and "Traceback" not in proc.stderr
+
+
+def test_compare_trust_and_split_runs_counts_iterations_from_its_own_figures(tmp_path: Path) -> None:
+    """A negotiation game logs no cooperation rate: its iterations come from its own figures."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    exp_id = client.create_experiment("t")
+    ids = []
+    for name, honest in (("naive", [0.5, 0.6]), ("aa", [0.5, 0.9])):
+        rid = client.create_run(exp_id, run_name=name).info.run_id
+        client.log_param(rid, "game.name", "trust_and_split")
+        for it, h in enumerate(honest):
+            client.log_metric(rid, "efficiency", 0.5, step=it)
+            client.log_metric(rid, "honest_claim_rate", h, step=it)
+        client.log_metric(rid, "eval/truthful/opponent_return_per_round", 20.0, step=1)
+        client.set_terminated(rid)
+        ids.append(rid)
+    out = tmp_path / "cmp"
+    assert main(ids, out, uri) == 0
+    summary = json.loads((out / "comparison.json").read_text())
+    assert summary["naive"]["iterations"] == 2 and summary["aa"]["last"]["honest_claim_rate"] == 0.9
+    assert summary["aa"]["last"]["eval/truthful/opponent_return_per_round"] == 20.0
+    assert summary["aa"]["last"]["return_per_round"] is None  # never logged here
