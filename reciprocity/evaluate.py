@@ -118,9 +118,10 @@ def _asdict(api: Any) -> dict[str, Any]:
 
 
 async def _call(worker: Any, method: str, *args: Any) -> Any:
-    """A method of a plain RolloutWorker, or of a rollout-worker actor handle."""
+    """A method of a plain RolloutWorker (async or not), or of a rollout-worker actor handle."""
     fn = getattr(worker, method)
-    return await (fn.remote(*args) if hasattr(fn, "remote") else fn(*args))
+    out = fn.remote(*args) if hasattr(fn, "remote") else fn(*args)
+    return await out if inspect.isawaitable(out) else out
 
 
 def engine_options(cfg: Config, **sizing: Any) -> dict[str, Any]:
@@ -210,9 +211,7 @@ async def _watch(worker: Any, on_progress: Callable[[dict[str, float]], None], e
     while True:
         await asyncio.sleep(every_s)
         with contextlib.suppress(Exception):
-            fn = worker.progress
-            got = fn.remote() if hasattr(fn, "remote") else fn()
-            on_progress(await got if inspect.isawaitable(got) else got)
+            on_progress(await _call(worker, "progress"))
 
 
 def return_matrix(n: int, pairs: Sequence[Pair], results: Sequence[dict[str, Any]]) -> list[list[float]]:
