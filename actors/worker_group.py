@@ -194,7 +194,7 @@ class WorkerGroup:
 
     def nodes(self) -> list[dict[str, str]]:
         """Where each worker runs (ip, node id, pid: `Located.node` of reciprocity/launcher.py)."""
-        return [ray.get(w.node.remote()) for w in self.actors]
+        return ray.get([w.node.remote() for w in self.actors])  # all at once
 
     # -- the end -----------------------------------------------------------------------------
     def close(self) -> None:

@@ -105,7 +105,7 @@ class LearnerGroup:
 
     def nodes(self) -> list[dict[str, str]]:
         """Where each rank runs (ip, node id, pid: `Located.node` of reciprocity/launcher.py)."""
-        return [self._get(a.node.remote()) for a in self.actors]
+        return self._get([a.node.remote() for a in self.actors])  # all at once
 
     def kill(self) -> None:
         for a in self.actors:
