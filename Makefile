@@ -7,6 +7,8 @@ MODEL := models/smollm2-135m-instruct
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/smoke.yaml
 NAME ?=
+# Test modules run on this many pytest-xdist workers, each module whole on one (its Ray, its engines).
+TEST_WORKERS ?= 2
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
@@ -32,7 +34,7 @@ train: install
 	$(BIN)/reciprocity train --config $(CONFIG)
 
 test: install browser
-	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # Headless Chromium and its WebDriver for tests/test_serve_browser.py (Debian packages; once).
 browser:

@@ -30,7 +30,7 @@ def url(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     port = free_port()
     config = ServeConfig(str(tiny_model_dir), {"alpha": str(alpha)}, port=port)
     check_adapters(config)
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:
         start(config)
         yield f"http://127.0.0.1:{port}"

@@ -49,7 +49,7 @@ def url(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     config = ServeConfig(str(tiny_model_dir), {"alpha": str(alpha), "evil": str(alpha)}, port=port,
                          engine_factory="test_serve_browser:injecting_engine")  # fmt: skip
     # the replica imports the engine factory from this directory
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(TESTS)}})
+    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(TESTS)}})
     try:
         start(config)
         yield f"http://127.0.0.1:{port}"

@@ -196,7 +196,7 @@ def test_ray_runs_an_actor(monkeypatch: pytest.MonkeyPatch) -> None:
             self.n += k
             return self.n
 
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         c = Counter.remote()
         assert ray.get([c.add.remote(2), c.add.remote(3)]) == [2, 5]

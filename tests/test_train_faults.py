@@ -24,7 +24,7 @@ ENGINE_GONE_S = 15.0  # a killed worker's engine processes are gone this long af
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
     yield
     ray.shutdown()
 

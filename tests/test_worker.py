@@ -154,7 +154,7 @@ def test_ray_worker_plays_8_ipd_games_between_two_adapters(tiny_model_dir: Path,
 
     v_a = make_lora(tiny_model_dir, tmp_path / "a", "alpha", 3, seed=1)
     v_b = make_lora(tiny_model_dir, tmp_path / "b", "beta", 5, seed=2)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         config = {
             "model": str(tiny_model_dir),
