@@ -27,18 +27,25 @@ rows or guided decisions, never over tokens):
    a rank with fewer gets empty (dummy) micro-batches.
 6. N_tok = generated tokens of the whole iteration (all ranks): the loss normaliser, so gradient
    accumulation over micro-batches and ranks sums to the full-batch loss.
+
+With more than one rank, ``build_rank_iteration`` does the same from the batches' *summaries*
+(``actors.trajectories.summary``: rewards, seats, groups, token counts, no token columns) plus only
+this rank's own batches: credits of every row come from the summaries (they need rewards only),
+whole batches (a baseline group each) are dealt to ranks by training tokens (``assign_shards``),
+and each rank fetches and tokenises only its own. Every rank plans every rank's micro-batches
+from the summaries' lengths, so all agree on N_tok and on the number of passes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from actors.trajectories import SchemaError, concat, list_offsets, list_values, validate
+from actors.trajectories import SchemaError, concat, concat_summaries, list_offsets, list_values, validate
 from learner.constrain import UNCONSTRAINED, Constrainer
 from learner.credit import credits, group_baseline_advantages, pair_by_game, returns_to_go
 
@@ -122,6 +129,9 @@ class IterationBatch:
     n_guided_tokens: int  # generated tokens of guided decisions, all ranks
     credit_mean: float  # mean C over generated tokens, all ranks
     credit_abs_mean: float
+    # build_rank_iteration: n_guided_tokens and the credit means are of this rank's rows only, over
+    # its `local_tok` generated tokens (the learner all-reduces them); None when they are global
+    local_tok: int | None = None
 
     @property
     def padding_fraction(self) -> float:
@@ -346,6 +356,21 @@ def _constraint_masks(tok: _Tokens, rows: np.ndarray, constrainer: Constrainer |
     return mask_of
 
 
+def _constrainer_for(guided_logprob: str, constrainer: Constrainer | None) -> Constrainer | None:
+    """The constrainer that scores guided tokens: none under `full` (the whole vocabulary)."""
+    if guided_logprob not in GUIDED_LOGPROB:
+        raise BatchError(f"guided_logprob must be one of {GUIDED_LOGPROB}, got {guided_logprob!r}")
+    return None if guided_logprob == "full" else constrainer
+
+
+def _validated(table: pa.Table) -> pa.Table:
+    try:
+        validate(table)
+    except SchemaError as e:
+        raise BatchError(f"invalid trajectory batch: {e}") from e
+    return table
+
+
 def build_iteration(
     batches: Sequence[pa.Table | pa.RecordBatch] | pa.Table | pa.RecordBatch,
     spec: CreditSpec,
@@ -362,17 +387,10 @@ def build_iteration(
 
     `guided_logprob`: "constrained" scores guided tokens under the grammar-constrained distribution
     (needs `constrainer`); "full" scores every token under the full vocabulary (no masks)."""
-    if guided_logprob not in GUIDED_LOGPROB:
-        raise BatchError(f"guided_logprob must be one of {GUIDED_LOGPROB}, got {guided_logprob!r}")
-    if guided_logprob == "full":
-        constrainer = None
+    constrainer = _constrainer_for(guided_logprob, constrainer)
     if isinstance(batches, pa.RecordBatch):
         batches = [batches]
-    table = batches if isinstance(batches, pa.Table) else concat(list(batches))
-    try:
-        validate(table)
-    except SchemaError as e:
-        raise BatchError(f"invalid trajectory batch: {e}") from e
+    table = _validated(batches if isinstance(batches, pa.Table) else concat(list(batches)))
     if table.num_rows == 0:
         raise BatchError("empty trajectory batch")
     C = row_credits(table, spec)
@@ -402,4 +420,101 @@ def build_iteration(
         n_guided_tokens=guided_tok,
         credit_mean=float(tok.credit[gen].mean()) if n_tok else 0.0,
         credit_abs_mean=float(np.abs(tok.credit[gen]).mean()) if n_tok else 0.0,
+    )
+
+
+# ------------------------------------------------------------------------------------ shards
+
+
+def assign_shards(tokens: Sequence[int], world_size: int) -> list[list[int]]:
+    """Batches (shards) to ranks, largest first to the rank with the fewest tokens (then the lowest
+    rank): each rank's shard indices, ascending. Deterministic, so every rank computes the same."""
+    ranks: list[list[int]] = [[] for _ in range(world_size)]
+    load = [0] * world_size
+    for i in sorted(range(len(tokens)), key=lambda i: (-int(tokens[i]), i)):
+        r = min(range(world_size), key=lambda r: (load[r], r))
+        ranks[r].append(i)
+        load[r] += int(tokens[i])
+    return [sorted(r) for r in ranks]
+
+
+def build_rank_iteration(
+    summaries: Sequence[pa.RecordBatch | pa.Table],
+    fetch: Callable[[list[int]], Sequence[pa.Table | pa.RecordBatch]],
+    spec: CreditSpec,
+    *,
+    rank: int,
+    world_size: int,
+    max_tokens: int = 4096,
+    overhead_tokens: int = 256,
+    constrainer: Constrainer | None = None,
+    pad_id: int = 0,
+    guided_logprob: str = "constrained",
+) -> IterationBatch:
+    """This rank's micro-batches when each rank fetches only its own batches (see module doc).
+
+    `summaries[i]` is the summary of batch i; `fetch(indices)` returns those batches (called once,
+    with this rank's indices only). Credits and the whole plan come from the summaries."""
+    constrainer = _constrainer_for(guided_logprob, constrainer)
+    meta = concat_summaries(list(summaries))
+    if meta.num_rows == 0:
+        raise BatchError("empty trajectory batch")
+    C = row_credits(meta, spec)
+    sizes = np.array([s.num_rows for s in summaries], dtype=np.int64)
+    first = np.r_[0, np.cumsum(sizes)]
+    trainable = np.asarray(meta.column("trainable"), dtype=bool)
+    chat = np.asarray(meta.column("chat_tokens"), dtype=np.int64)
+    generated = np.asarray(meta.column("generated_tokens"), dtype=np.int64)
+    train_tokens = [int(chat[a:b][trainable[a:b]].sum()) for a, b in zip(first[:-1], first[1:], strict=True)]
+    shards = assign_shards(train_tokens, world_size)
+
+    def rows_of(idx: list[int]) -> np.ndarray:
+        return np.concatenate([np.arange(first[i], first[i + 1]) for i in idx]) if idx else np.zeros(0, np.int64)
+
+    plans = []  # every rank's micro-batches, from the summaries' lengths
+    for idx in shards:
+        rows = rows_of(idx)
+        plans.append(plan_micro_batches(chat[rows][trainable[rows]], max_tokens, overhead_tokens))
+    n_micro = max(max(len(p) for p in plans), 1)
+    mine = shards[rank]
+    words = constrainer.words if constrainer is not None else 0
+    micro: list[MicroBatch] = []
+    guided_tok, local_tok, c_sum, c_abs = 0, 0, 0.0, 0.0
+    if mine:
+        table = _validated(concat(list(fetch(mine))))
+        rows = rows_of(mine)
+        if table.num_rows != rows.size:
+            raise BatchError(f"this rank's batches have {table.num_rows} rows, their summaries {rows.size}")
+        for col in ("game_id", "seat"):
+            if not np.array_equal(np.asarray(table.column(col)), np.asarray(meta.column(col))[rows]):
+                raise BatchError("this rank's batches and their summaries are out of step (games and seats differ)")
+        tok = _tokens(table, C[rows])
+        if not np.array_equal(tok.lengths, chat[rows][trainable[rows]]):
+            raise BatchError("a batch's token lengths differ from its summary's chat_tokens")
+        mask_of = (_constraint_masks(tok, np.arange(tok.lengths.size), constrainer) if guided_logprob == "constrained"
+                   else np.full(tok.ids.size, UNCONSTRAINED, dtype=np.int64))
+        micro = [_micro_batch(tok, g, mask_of, constrainer, pad_id) for g in plans[rank]]
+        gen = tok.generated
+        guided_tok = int(tok.decision_len[tok.guided].sum())
+        local_tok = int(gen.sum())
+        c_sum, c_abs = float(tok.credit[gen].sum()), float(np.abs(tok.credit[gen]).sum())
+    micro += [MicroBatch.dummy(pad_id, words) for _ in range(n_micro - len(micro))]
+    lengths = chat[trainable]
+    n_tok = int(generated[trainable].sum())
+    padded = 0
+    for idx, plan in zip(shards, plans, strict=True):
+        rows = rows_of(idx)
+        lens = chat[rows][trainable[rows]]
+        padded += sum(len(g) * int(lens[g].max()) for g in plan)
+    return IterationBatch(
+        micro_batches=micro,
+        n_tok=n_tok,
+        n_rows=int(lengths.size),
+        n_micro=n_micro,
+        real_tokens=int(lengths.sum()),
+        padded_tokens=padded,
+        n_guided_tokens=guided_tok,
+        credit_mean=c_sum / local_tok if local_tok else 0.0,
+        credit_abs_mean=c_abs / local_tok if local_tok else 0.0,
+        local_tok=local_tok,
     )

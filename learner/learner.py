@@ -36,7 +36,7 @@ import socket
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ import torch
 
 from actors.adapters import AdapterRef, AdapterStore, AdapterVersion, Probe
 from actors.device import cpu_has_bf16
-from learner.batch import BatchError, CreditSpec, IterationBatch, MicroBatch, build_iteration
+from learner.batch import BatchError, CreditSpec, IterationBatch, MicroBatch, build_iteration, build_rank_iteration
 from learner.constrain import Constrainer
 from learner.credit import CREDIT_METHODS
 from learner.export import (
@@ -285,8 +285,11 @@ class Learner:
 
     # ------------------------------------------------------------------ training
 
-    def train_step(self, batches: Sequence[Any] | Any) -> dict[str, float]:
+    def train_step(self, batches: Sequence[Any] | Any, summaries: Sequence[pa.RecordBatch] | None = None
+                   ) -> dict[str, float]:
         """One iteration: Arrow tables/record batches (or Ray refs to them) -> one optimizer step.
+        With `summaries` (one per batch, `actors.trajectories.summary`) and more than one rank, this
+        rank resolves only the batches it is dealt (`learner.batch.build_rank_iteration`).
 
         Returns metrics (identical on every rank): loss parts, mean |logp - logp_engine|, importance
         weight clip fraction and mean, entropy, KL, grad norm, token counts, padding fraction and
@@ -294,19 +297,26 @@ class Learner:
         self._ensure_setup()
         cfg = self.config
         t0 = time.perf_counter()
-        it = build_iteration(
-            _as_tables(batches),
-            cfg.credit,
-            max_tokens=cfg.micro_batch_tokens,
-            overhead_tokens=cfg.micro_batch_overhead_tokens,
-            rank=self.rank,
-            world_size=self.world_size,
-            constrainer=self.constrainer,
-            pad_id=self.pad_id,
-            guided_logprob=cfg.guided_logprob,
-        )
+        plan = dict(max_tokens=cfg.micro_batch_tokens, overhead_tokens=cfg.micro_batch_overhead_tokens,
+                    rank=self.rank, world_size=self.world_size, constrainer=self.constrainer, pad_id=self.pad_id,
+                    guided_logprob=cfg.guided_logprob)
+        if summaries is not None and self.world_size > 1:
+            items = list(batches) if isinstance(batches, list | tuple) else [batches]
+            if len(items) != len(summaries):
+                raise BatchError(f"{len(items)} batches but {len(summaries)} summaries")
+            fetched: list[int] = []
+
+            def fetch(idx: list[int]) -> list[pa.Table | pa.RecordBatch]:
+                fetched.extend(idx)
+                return _as_tables([items[i] for i in idx])
+
+            it = build_rank_iteration(summaries, fetch, cfg.credit, **plan)
+            shard = {"batches": float(len(items)), "batches_fetched": float(len(fetched))}  # this rank's
+        else:
+            it = build_iteration(_as_tables(batches), cfg.credit, **plan)
+            shard = {}
         t1 = time.perf_counter()
-        metrics: dict[str, float] = {"version": float(self.version)}
+        metrics: dict[str, float] = {"version": float(self.version), **shard}
         if it.n_tok == 0:
             metrics.update(skipped=1.0, tokens=0.0, time_to_tensors_s=t1 - t0)
             return metrics
@@ -330,6 +340,8 @@ class Learner:
         self.version += 1
 
         sums, staleness = self._all_reduce(sums, staleness)
+        if it.local_tok is not None:  # this rank's share of the batch figures: summed over ranks
+            it = self._all_reduce_batch_figures(it)
         n = max(sums["tokens"], 1.0)
         metrics.update({k: sums[k] for k in LOSS_PARTS})
         metrics.update(
@@ -376,6 +388,21 @@ class Learner:
         dist.all_reduce(t)
         dist.all_reduce(s, op=dist.ReduceOp.MAX)
         return dict(zip(STAT_SUMS, t.cpu().tolist(), strict=True)), int(s.item())
+
+    def _all_reduce_batch_figures(self, it: IterationBatch) -> IterationBatch:
+        """Guided tokens and credit means of the whole iteration from each rank's own rows."""
+        import torch.distributed as dist
+
+        local = float(it.local_tok or 0)
+        t = torch.tensor([it.n_guided_tokens, it.credit_mean * local, it.credit_abs_mean * local],
+                         dtype=torch.float64)
+        if self.device.type == "cuda":
+            t = t.to(self.device)
+        dist.all_reduce(t)
+        guided, c_sum, c_abs = t.cpu().tolist()
+        n = max(it.n_tok, 1)
+        return replace(it, n_guided_tokens=int(guided), credit_mean=c_sum / n, credit_abs_mean=c_abs / n,
+                                   local_tok=None)
 
     def _grad_norm(self) -> float:
         norm = self.engine.get_global_grad_norm()

@@ -6,8 +6,9 @@ A DeepSpeed group cannot lose a rank: every call of the group that finds a rank 
 restores it from the last checkpoint. The calls:
 - `start`: rank 0 first (it picks the rendezvous address), then the other ranks with that address,
   then every rank's `ready` (process group joined, model and optimizer built);
-- `train_step` starts one optimizer step on every rank (the batches' object refs: each rank resolves
-  them itself); `wait` returns the ranks' results, calling `poll` every `poll_s` seconds meanwhile;
+- `train_step` starts one optimizer step on every rank on the batches' object refs and summaries
+  (one rank resolves every ref; with more, each resolves only the refs of its own batches); `wait`
+  returns the ranks' results, calling `poll` every `poll_s` seconds meanwhile;
 - `export`: rank 0's AdapterRef of the current adapter (every rank joins: ZeRO-3 gathers);
 - `save_checkpoint` / `load_checkpoint`, `progress` (rank 0's micro-batches, in its own concurrency
   group so that it answers during a step), `nodes`, `kill`.
@@ -70,9 +71,15 @@ class LearnerGroup:
             raise LearnerLost(f"a learner rank died ({type(e).__name__})") from e
 
     # -- learning ----------------------------------------------------------------------------
-    def train_step(self, refs: list[ray.ObjectRef]) -> list[ray.ObjectRef]:
-        """Start every rank's optimizer step on the batches' refs; `wait` for the results."""
-        return [a.train_step.remote(refs) for a in self.actors]
+    def train_step(self, shares: Sequence[tuple[ray.ObjectRef, Any]]) -> list[ray.ObjectRef]:
+        """Start every rank's optimizer step on the batches (object ref, summary); `wait` for the
+        results. One rank resolves every ref; with more, the summaries go along (put once) and each
+        rank resolves only the refs of the batches it is dealt."""
+        refs = [r for r, _ in shares]
+        if len(self.actors) == 1:
+            return [self.actors[0].train_step.remote(refs)]
+        summaries = ray.put([s for _, s in shares])
+        return [a.train_step.remote(refs, summaries) for a in self.actors]
 
     def wait(self, futures: list[ray.ObjectRef], poll: Callable[[], None] | None = None,
              poll_s: float = 1.0) -> list[Any]:

@@ -360,7 +360,7 @@ class Trainer:
             self._sync_adapters()  # retire the version the finished rollout no longer needs
             _, game_metrics = self._gather(shares, pending.specs)
             t0 = time.perf_counter()
-            learning = self.learners.train_step([r for r, _ in shares])
+            learning = self.learners.train_step(shares)
             pending = None
             nxt = it + 1
             if nxt < self.cfg.iterations and nxt - self.version <= self.cfg.max_staleness:
@@ -428,10 +428,11 @@ class Trainer:
 
     # learn
     def learn(self, shares: list[Share]) -> dict[str, Any]:
-        """One optimizer step of every learner rank on the batches' refs (each rank resolves them)."""
+        """One optimizer step of every learner rank on the batches' refs and summaries (a rank resolves
+        only the refs of the batches it is dealt)."""
         t0 = time.perf_counter()
         self.view.phase("learn")
-        metrics = self._wait_learners(self.learners.train_step([r for r, _ in shares]))[0]
+        metrics = self._wait_learners(self.learners.train_step(shares))[0]
         return _learner_metrics(metrics, time.perf_counter() - t0)
 
     def _wait_learners(self, futures: list[ray.ObjectRef]) -> list[Any]:

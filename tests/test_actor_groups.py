@@ -45,6 +45,7 @@ def fake_ray(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     monkeypatch.setattr(ray, "get", _get)
     monkeypatch.setattr(ray, "wait", _wait)
     monkeypatch.setattr(ray, "kill", killed.append)
+    monkeypatch.setattr(ray, "put", lambda value: Future(value))
     monkeypatch.setattr("time.sleep", lambda s: None)
     return killed
 
@@ -194,7 +195,21 @@ def test_every_learner_call_whose_rank_died_is_learner_lost() -> None:
             call()
     alive = LearnerGroup([Actor(export=lambda v, s: f"ref{v}@{s}", train_step={"loss": 1.0})])
     assert alive.export(3, "/store") == "ref3@/store"
-    assert alive.wait(alive.train_step(["r"])) == [{"loss": 1.0}]
+    assert alive.wait(alive.train_step([("r", "summary")])) == [{"loss": 1.0}]
+
+
+def test_one_rank_gets_the_refs_and_more_ranks_also_the_summaries_put_once() -> None:
+    """One rank resolves every batch; with two, each rank gets the refs plus one object of all the
+    summaries, from which it deals the batches and resolves only its own (learner/batch.py)."""
+    shares = [("ref0", "sum0"), ("ref1", "sum1")]
+    one = LearnerGroup([Actor(train_step={})])
+    one.train_step(shares)
+    assert one[0].calls == [("train_step", (["ref0", "ref1"],))]
+    two = LearnerGroup([Actor(train_step={}), Actor(train_step={})])
+    two.train_step(shares)
+    (name0, (refs0, put0)), (name1, (refs1, put1)) = two[0].calls[0], two[1].calls[0]
+    assert (name0, name1) == ("train_step", "train_step") and refs0 == refs1 == ["ref0", "ref1"]
+    assert put0 is put1 and put0.value == ["sum0", "sum1"]
 
 
 def test_a_failed_learner_start_kills_the_ranks_it_made(fake_ray: list[Any]) -> None:

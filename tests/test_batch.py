@@ -11,11 +11,13 @@ import pyarrow as pa
 import pytest
 from support import RULES, ipd_game, ipd_table
 
-from actors.trajectories import to_batch
+from actors.trajectories import summary, to_batch
 from learner.batch import (
     BatchError,
     CreditSpec,
+    assign_shards,
     build_iteration,
+    build_rank_iteration,
     plan_micro_batches,
     reward_matrix,
     row_credits,
@@ -216,3 +218,74 @@ def test_ranks_share_rows_and_run_equal_micro_batch_counts(tokenizer) -> None:
     targets = sorted(c for p in parts for mb in p.micro_batches for c in mb.credit.tolist())
     assert targets == pytest.approx(sorted(c for mb in full.micro_batches for c in mb.credit.tolist()))
     assert sum(mb.n_real_tokens for p in parts for mb in p.micro_batches) == full.real_tokens
+
+
+def _shards(table: pa.Table, group_size: int) -> list[pa.Table]:
+    """The table as the rollout returns it: one batch per baseline group of `group_size` games."""
+    return [table.slice(i, 2 * group_size) for i in range(0, table.num_rows, 2 * group_size)]
+
+
+def _targets(it) -> list[tuple[int, float, float]]:
+    """Every target of an iteration batch, independent of how rows were grouped into passes."""
+    return sorted((int(t), round(float(c), 6), round(float(lp), 6)) for mb in it.micro_batches
+                  for t, c, lp in zip(mb.target_ids.tolist(), mb.credit.tolist(), mb.engine_logprobs.tolist(),
+                                      strict=True))
+
+
+def test_assign_shards_balances_tokens_and_is_deterministic() -> None:
+    assert assign_shards([100, 90, 50, 40, 10], 2) == [[0, 3, 4], [1, 2]]  # 150 and 140 tokens
+    assert assign_shards([5], 3) == [[0], [], []]  # fewer batches than ranks: a rank gets none
+    assert assign_shards([7, 7, 7], 1) == [[0, 1, 2]]
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_each_rank_fetches_only_its_own_batches_and_ranks_together_equal_the_whole(tokenizer, world_size) -> None:
+    """Credits from the summaries alone (the baseline spans batches: AA with a batch-wide group is
+    not tested here; groups of 2 games within a batch are), each batch fetched by exactly one rank,
+    and the ranks' targets together are the one-rank build's, with global N_tok and equal passes."""
+    table = ipd_table(tokenizer, n_games=8, seed=5, group_size=2, guided=False)
+    spec = CreditSpec("aa", discount=0.9, normaliser=5.0, beta=0.5, gamma=0.9)
+    batches = _shards(table, 2)
+    summaries = [summary(b) for b in batches]
+    full = build_iteration(batches, spec, max_tokens=700)
+    fetched: list[list[int]] = []
+
+    def fetch(idx: list[int]) -> list[pa.Table]:
+        fetched.append(list(idx))
+        return [batches[i] for i in idx]
+
+    parts = [build_rank_iteration(summaries, fetch, spec, rank=r, world_size=world_size, max_tokens=700)
+             for r in range(world_size)]
+    assert sorted(i for f in fetched for i in f) == list(range(len(batches)))  # each batch once, by one rank
+    assert len({p.n_micro for p in parts}) == 1 and all(len(p.micro_batches) == p.n_micro for p in parts)
+    assert {p.n_tok for p in parts} == {full.n_tok} and {p.real_tokens for p in parts} == {full.real_tokens}
+    assert {p.n_rows for p in parts} == {full.n_rows}
+    assert sorted(t for p in parts for t in _targets(p)) == _targets(full)
+    assert sum(p.local_tok for p in parts) == full.n_tok
+    local_sum = sum(p.credit_mean * p.local_tok for p in parts)
+    assert local_sum / full.n_tok == pytest.approx(full.credit_mean, abs=1e-9)  # what the learner all-reduces
+
+
+def test_a_batch_group_spanning_batches_gets_the_same_credits_from_summaries(tokenizer) -> None:
+    """A batch-wide baseline (IPD `baseline: batch`: one group for every game) spans the batches; the
+    credits that reach a rank are still those of the whole batch, because they come from the
+    summaries of every batch, not from the rank's own rows."""
+    table = ipd_table(tokenizer, n_games=6, seed=6, group_size=6, guided=False)  # one group of 6 games
+    spec = CreditSpec("naive", discount=0.9, normaliser=5.0)
+    batches = [table.slice(i, 4) for i in range(0, table.num_rows, 4)]  # 3 batches of 2 games
+    full = build_iteration(batches, spec)
+    parts = [build_rank_iteration([summary(b) for b in batches], lambda idx: [batches[i] for i in idx], spec,
+                                  rank=r, world_size=2) for r in (0, 1)]
+    assert sorted(t for p in parts for t in _targets(p)) == _targets(full)
+    per_batch = sorted(t for b in batches for t in _targets(build_iteration(b, spec)))
+    assert per_batch != _targets(full)  # a baseline within each batch alone gives other credits
+
+
+def test_a_summary_that_does_not_match_its_batch_is_a_clear_error(tokenizer) -> None:
+    table = ipd_table(tokenizer, n_games=4, seed=7, group_size=2, guided=False)
+    batches = _shards(table, 2)
+    summaries = [summary(b) for b in batches]
+    swapped = [batches[1], batches[0]]  # the refs and the summaries out of step
+    with pytest.raises(BatchError, match="games and seats differ"):
+        for r in (0, 1):
+            build_rank_iteration(summaries, lambda idx: [swapped[i] for i in idx], CreditSpec(), rank=r, world_size=2)

@@ -2,7 +2,8 @@
 model: the driver sees adapter versions as metadata only (AdapterRef: key, version, sha256, size,
 store path) and rollouts as summaries without token columns. Every value the driver process gets
 from `ray.get` is inspected, and reading an adapter's bytes on the driver fails the test; two
-workers sync each version at once; the run dir's adapter store holds each version's bytes once."""
+workers sync each version at once; the run dir's adapter store holds each version's bytes once; each
+of the two learner ranks resolves only the trajectory batches it is dealt."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def ray_local() -> Any:
     """This test's own local Ray, shut down after it (the tests after it start theirs)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
     yield
     ray.shutdown()
 
@@ -69,11 +70,14 @@ def test_driver_sees_metadata_only(ray_local: Any, tiny_model_dir: Path, tmp_pat
     monkeypatch.setattr(ray, "get", get)
     monkeypatch.setattr(AdapterRef, "load", no_read)
     overrides = [*tiny_overrides(tiny_model_dir, tmp_path, "by-ref"), "iterations=3", "rollout.workers=2",
-                 "rollout.cpus_per_worker=0.5", "learner.cpus_per_rank=0.5", "buffer.resident_max=1",
-                 "checkpoint.every=1", "checkpoint.keep=2"]
+                 "rollout.cpus_per_worker=0.5", "learner.cpus_per_rank=0.5", "learner.ranks=2",
+                 "buffer.resident_max=1", "checkpoint.every=1", "checkpoint.keep=2"]
     history = train.run(load_config(Path("configs/smoke.yaml"), overrides))
     assert [h["version"] for h in history] == [1, 2, 3] and gets["n"] > 20
     assert not seen, f"the driver got {sorted(set(seen))}"
+    # two learner ranks: rank 0 resolved only the batches it was dealt, not every worker's
+    for h in history:
+        assert h["learner/batches"] >= 2 and 1 <= h["learner/batches_fetched"] < h["learner/batches"], h
 
     run_dir = tmp_path / "runs" / "by-ref"
     state, refs = checkpoint.load_pool(checkpoint.latest(run_dir), verify=False)

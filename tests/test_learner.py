@@ -150,20 +150,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, world_size: int, port: int, config: dict, table: pa.Table, steps: int, out) -> None:
+def _rank_main(rank: int, world_size: int, port: int, config: dict, table: pa.Table, steps: int, out,
+               group_rows: int = 0) -> None:
     learner = Learner(config, rank=rank, world_size=world_size)
     learner.setup(f"127.0.0.1:{port}")
-    metrics = [learner.train_step([table]) for _ in range(steps)]
+    if group_rows:  # as the rollout returns them: a batch per group, each with its summary
+        from actors.trajectories import summary
+
+        batches = [table.slice(i, group_rows) for i in range(0, table.num_rows, group_rows)]
+        metrics = [learner.train_step(batches, [summary(b) for b in batches]) for _ in range(steps)]
+    else:
+        metrics = [learner.train_step([table]) for _ in range(steps)]
     version = learner.export()
     if rank == 0:
         out.put((version.data, metrics))
 
 
-def _run(world_size: int, config: dict, table: pa.Table, steps: int) -> tuple[bytes, list[dict]]:
+def _run(world_size: int, config: dict, table: pa.Table, steps: int, group_rows: int = 0) -> tuple[bytes, list[dict]]:
     ctx = torch.multiprocessing.get_context("spawn")
     out = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world_size, port, config, table, steps, out))
+    procs = [ctx.Process(target=_rank_main, args=(r, world_size, port, config, table, steps, out, group_rows))
              for r in range(world_size)]
     for p in procs:
         p.start()
@@ -198,3 +205,14 @@ def test_two_ranks_zero2_equal_one_rank(tiny_model_dir, tokenizer) -> None:
     print(f"2-rank vs 1-rank: max |w2 - w1| = {worst:.3g}, max |w1| = {scale:.3g}")
     assert worst <= 1e-3 * scale + 1e-6, (worst, scale)
     assert np.isfinite(scale) and scale > 0
+
+    # each rank resolving only its own batches (one group of 3 games each) gives the same update
+    sharded, m3 = _run(2, config, table, steps=2, group_rows=6)
+    for a, c in zip(m1, m3, strict=True):
+        assert c["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7)
+        assert c["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+        assert (c["tokens"], c["guided_tokens"], c["rows"]) == (a["tokens"], a["guided_tokens"], a["rows"])
+        assert c["credit_mean"] == pytest.approx(a["credit_mean"], rel=1e-6, abs=1e-9)
+    w3 = load(sharded)
+    worst = max(float((w1[k] - w3[k]).abs().max()) for k in w1)
+    assert worst <= 1e-3 * scale + 1e-6, (worst, scale)
