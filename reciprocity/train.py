@@ -147,7 +147,8 @@ def learner_config(cfg: Config) -> LearnerConfig:
         aa_beta=method.beta, aa_gamma=method.gamma, entropy_coef=method.entropy_coef, kl_coef=method.kl_coef,
         lr=learner.lr, grad_clip=learner.grad_clip, zero_stage=learner.zero_stage, dtype=learner.dtype,
         micro_batch_tokens=learner.micro_batch_tokens, guided_logprob=learner.guided_logprob,
-        gradient_checkpointing=learner.gradient_checkpointing,
+        gradient_checkpointing=(learner.gpus_per_rank == 0 if learner.gradient_checkpointing == "auto"
+                                else learner.gradient_checkpointing),
         num_threads=learner_threads(cfg),
     )
 

@@ -82,6 +82,8 @@ def test_fingerprint_ignores_bookkeeping_only() -> None:
     assert a.fingerprint() != Config(method={"beta": 0.7}).fingerprint()
     # the thread count is speed only: a checkpoint made before learner.threads existed still resumes
     assert a.fingerprint() == Config(learner={"threads": 1}).fingerprint()
+    # so is activation checkpointing (memory and speed; the same gradients)
+    assert a.fingerprint() == Config(learner={"gradient_checkpointing": False}).fingerprint()
     assert a.fingerprint() != Config(learner={"lr": 0.5}).fingerprint()
     assert a.fingerprint() == Config(runs_dir="/elsewhere/runs").fingerprint()  # where, not what
 

@@ -47,7 +47,11 @@ def test_config_built_straight_from_the_run_config() -> None:
         "/m", 16, 32.0, "sum", 2, "bf16")
     assert cfg.credit.normaliser == 7.0 and cfg.entropy_coef == 0.01 and cfg.seed == 3
     assert (cfg.lr, cfg.micro_batch_tokens, cfg.guided_logprob, cfg.name) == (1e-4, 4096, "full", "learner")
-    assert cfg.gradient_checkpointing and not from_run_config(Config()).gradient_checkpointing
+    assert cfg.gradient_checkpointing
+    # auto: on for a CPU rank (memory), off for a GPU rank
+    assert from_run_config(Config()).gradient_checkpointing
+    assert not from_run_config(Config(learner={"gpus_per_rank": 1})).gradient_checkpointing
+    assert not from_run_config(Config(learner={"gradient_checkpointing": False})).gradient_checkpointing
     default = from_run_config(Config())  # every default comes from the run config
     assert (default.lora_r, default.lr, default.zero_stage, default.reward_normaliser) == (
         Config().lora.r, Config().learner.lr, Config().learner.zero_stage, Config().method.reward_normaliser)
