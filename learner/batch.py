@@ -356,6 +356,13 @@ def _constraint_masks(tok: _Tokens, rows: np.ndarray, constrainer: Constrainer |
     return mask_of
 
 
+def _masks(tok: _Tokens, rows: np.ndarray, constrainer: Constrainer | None, guided_logprob: str) -> np.ndarray:
+    """Mask id per flat token: the guided decisions' masks of `rows` under "constrained", none under "full"."""
+    if guided_logprob == "constrained":
+        return _constraint_masks(tok, rows, constrainer)
+    return np.full(tok.ids.size, UNCONSTRAINED, dtype=np.int64)
+
+
 def _constrainer_for(guided_logprob: str, constrainer: Constrainer | None) -> Constrainer | None:
     """The constrainer that scores guided tokens: none under `full` (the whole vocabulary)."""
     if guided_logprob not in GUIDED_LOGPROB:
@@ -402,8 +409,7 @@ def build_iteration(
     n_micro = max(len(s) for s in shares)
     mine = shares[rank]
     rows = np.concatenate(mine) if mine else np.zeros(0, dtype=np.int64)
-    mask_of = (_constraint_masks(tok, rows, constrainer) if guided_logprob == "constrained"
-               else np.full(tok.ids.size, UNCONSTRAINED, dtype=np.int64))
+    mask_of = _masks(tok, rows, constrainer, guided_logprob)
     words = constrainer.words if constrainer is not None else 0
     micro = [_micro_batch(tok, g, mask_of, constrainer, pad_id) for g in mine]
     micro += [MicroBatch.dummy(pad_id, words) for _ in range(n_micro - len(mine))]
@@ -471,10 +477,8 @@ def build_rank_iteration(
     def rows_of(idx: list[int]) -> np.ndarray:
         return np.concatenate([np.arange(first[i], first[i + 1]) for i in idx]) if idx else np.zeros(0, np.int64)
 
-    plans = []  # every rank's micro-batches, from the summaries' lengths
-    for idx in shards:
-        rows = rows_of(idx)
-        plans.append(plan_micro_batches(chat[rows][trainable[rows]], max_tokens, overhead_tokens))
+    shard_lengths = [chat[rows][trainable[rows]] for rows in map(rows_of, shards)]  # training rows, per rank
+    plans = [plan_micro_batches(lens, max_tokens, overhead_tokens) for lens in shard_lengths]  # every rank's
     n_micro = max(max(len(p) for p in plans), 1)
     mine = shards[rank]
     words = constrainer.words if constrainer is not None else 0
@@ -489,10 +493,9 @@ def build_rank_iteration(
             if not np.array_equal(np.asarray(table.column(col)), np.asarray(meta.column(col))[rows]):
                 raise BatchError("this rank's batches and their summaries are out of step (games and seats differ)")
         tok = _tokens(table, C[rows])
-        if not np.array_equal(tok.lengths, chat[rows][trainable[rows]]):
+        if not np.array_equal(tok.lengths, shard_lengths[rank]):
             raise BatchError("a batch's token lengths differ from its summary's chat_tokens")
-        mask_of = (_constraint_masks(tok, np.arange(tok.lengths.size), constrainer) if guided_logprob == "constrained"
-                   else np.full(tok.ids.size, UNCONSTRAINED, dtype=np.int64))
+        mask_of = _masks(tok, np.arange(tok.lengths.size), constrainer, guided_logprob)
         micro = [_micro_batch(tok, g, mask_of, constrainer, pad_id) for g in plans[rank]]
         gen = tok.generated
         guided_tok = int(tok.decision_len[tok.guided].sum())
@@ -501,11 +504,7 @@ def build_rank_iteration(
     micro += [MicroBatch.dummy(pad_id, words) for _ in range(n_micro - len(micro))]
     lengths = chat[trainable]
     n_tok = int(generated[trainable].sum())
-    padded = 0
-    for idx, plan in zip(shards, plans, strict=True):
-        rows = rows_of(idx)
-        lens = chat[rows][trainable[rows]]
-        padded += sum(len(g) * int(lens[g].max()) for g in plan)
+    padded = sum(len(g) * int(lens[g].max()) for lens, plan in zip(shard_lengths, plans, strict=True) for g in plan)
     return IterationBatch(
         micro_batches=micro,
         n_tok=n_tok,

@@ -402,7 +402,7 @@ class Learner:
         guided, c_sum, c_abs = t.cpu().tolist()
         n = max(it.n_tok, 1)
         return replace(it, n_guided_tokens=int(guided), credit_mean=c_sum / n, credit_abs_mean=c_abs / n,
-                                   local_tok=None)
+                       local_tok=None)
 
     def _grad_norm(self) -> float:
         norm = self.engine.get_global_grad_norm()
