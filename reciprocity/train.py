@@ -43,7 +43,9 @@ Periodic evaluation (`evaluation.every`): the current adapter plays each evaluat
 from __future__ import annotations
 
 import contextlib
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -661,6 +663,7 @@ def _run(cfg: Config, address: str | None, resume: Path | None) -> list[dict[str
     with progress.spinner(console, starting):
         trainer = Trainer(cfg, address=address, resume=resume)
     status = "FAILED"
+    previous = _stop_on_sigterm()
     try:
         trainer.view = view = progress.RunProgress(console, cfg.iterations, trainer.iteration)
         try:
@@ -677,12 +680,32 @@ def _run(cfg: Config, address: str | None, resume: Path | None) -> list[dict[str
             view.close()
             trainer.view = progress.Silent()
         status = "FINISHED"
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (`kill`, `timeout`)
+        status = "KILLED"
+        console.print(f"[yellow]stopped at iteration {trainer.iteration}: the last checkpoint resumes it "
+                      f"(--resume {trainer.run_dir})")
+        raise
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         trainer.tracker.finish(status)
         with progress.spinner(console, "shutting down the workers"):
             trainer.close()
     _summary(cfg, trainer)
     return trainer.history
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _stop_on_sigterm() -> Any:
+    """Make SIGTERM stop the run as Ctrl-C does (MLflow status KILLED, the actors and their engines
+    stopped, the local Ray shut down); installed after Ray's own handler. Returns the handler it
+    replaced, or None off the main thread (where no handler can be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _interrupt)
 
 
 def _progress_line(m: dict[str, Any]) -> str:
