@@ -2,8 +2,10 @@
 
 One PNG with a panel per figure (the run's self-play figures and its periodic evaluation against
 scripted opponents, one line per run) and a JSON/Markdown table of each run's last value per figure,
-its iterations and its wall-clock. This is how the method comparison of `sysdesign/results.md` is
-drawn: the numbers come from MLflow, never from the logs.
+its iterations and its wall-clock. Exploiter runs (their config names an `opponent`) get the
+exploiter's and its target's return per round and the exploiter's gain beyond its target. This is
+how the method comparison of `sysdesign/results.md` is drawn: the numbers come from MLflow, never
+from the logs.
 """
 
 from __future__ import annotations
@@ -30,6 +32,27 @@ FIGURES: dict[str, tuple[str, ...]] = {
                         "eval/always_claim_10/opponent_return_per_round", "eval/truthful/return_per_round",
                         "eval/truthful/opponent_return_per_round"),
 }
+
+# Exploiter runs (`opponent` set): the exploiter's return and its frozen target's, per iteration, and
+# the exploiter's gain beyond its target (their difference, at the steps that have both).
+GAIN = "exploiter_gain_per_round"
+EXPLOIT_FIGURES: dict[str, tuple[str, ...]] = {
+    "ipd": ("learner_return_per_round", "opponent_return_per_round", GAIN, "cooperation_rate"),
+    "split_nocomm": ("learner_return_per_round", "opponent_return_per_round", GAIN, "efficiency", "fairness"),
+    "trust_and_split": ("learner_return_per_round", "opponent_return_per_round", GAIN, "efficiency", "fairness"),
+}
+
+
+def figures_of(game: str, exploit: bool) -> tuple[str, ...]:
+    table = EXPLOIT_FIGURES if exploit else FIGURES
+    return table.get(game, table["ipd"])
+
+
+def with_gain(history: dict[str, list[tuple[int, float]]]) -> dict[str, list[tuple[int, float]]]:
+    """`history` plus GAIN: learner minus opponent return per round, at each step both were logged."""
+    mine = dict(history.get("learner_return_per_round", []))
+    theirs = dict(history.get("opponent_return_per_round", []))
+    return history | {GAIN: [(step, mine[step] - theirs[step]) for step in sorted(mine) if step in theirs]}
 
 
 def last_values(history: History) -> dict[str, float | None]:
@@ -60,6 +83,10 @@ def fetch(run_ids: Sequence[str], uri: str) -> tuple[dict[str, dict[str, Any]], 
     if len(games) > 1:
         raise ValueError(f"the runs played different games: {sorted(games)}")
     game = games.pop()
+    exploit = {run.data.params.get("opponent", "None") not in ("None", "") for run in found}
+    if len(exploit) > 1:
+        raise ValueError("exploiter runs (with an `opponent`) and training runs cannot be compared in one table")
+    exploit_runs = exploit.pop()
     runs: dict[str, dict[str, Any]] = {}
     for run in found:
         rid = run.info.run_id
@@ -67,12 +94,15 @@ def fetch(run_ids: Sequence[str], uri: str) -> tuple[dict[str, dict[str, Any]], 
         if name in runs:
             name = f"{name} ({rid[:8]})"
         history = {f: [(m.step, m.value) for m in client.get_metric_history(rid, f)]
-                   for f in FIGURES.get(game, FIGURES["ipd"])}
+                   for f in figures_of(game, exploit_runs) if f != GAIN}
+        if exploit_runs:
+            history = with_gain(history)
         # iterations: the steps of the per-iteration figures (an `eval/` figure has its cadence's only)
         steps = {step for f, points in history.items() if not f.startswith("eval/") for step, _ in points}
         end = run.info.end_time or run.info.start_time
         runs[name] = {"run_id": rid, "history": history, "iterations": len(steps),
-                      "minutes": (end - run.info.start_time) / 60000.0, "last": last_values(history)}
+                      "minutes": (end - run.info.start_time) / 60000.0, "last": last_values(history),
+                      "opponent": run.data.params.get("opponent") if exploit_runs else None}
     return runs, game
 
 
@@ -87,14 +117,14 @@ def main(run_ids: Sequence[str], out: Path, uri: str) -> int:
     except (MlflowException, ValueError) as e:
         print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 2
-    figures = FIGURES.get(game, FIGURES["ipd"])
+    figures = figures_of(game, any(r["opponent"] for r in runs.values()))
     out.mkdir(parents=True, exist_ok=True)
     plot_comparison({name: r["history"] for name, r in runs.items()}, figures, out / "comparison.png",
                     title=f"{game}: " + ", ".join(runs))
     table = markdown_table(runs, figures)
     (out / "comparison.md").write_text(table + "\n")
-    summary = {name: {k: r[k] for k in ("run_id", "iterations", "minutes", "last")} | {"history": r["history"]}
-               for name, r in runs.items()}
+    keys = ("run_id", "iterations", "minutes", "last", "opponent")
+    summary = {name: {k: r[k] for k in keys} | {"history": r["history"]} for name, r in runs.items()}
     (out / "comparison.json").write_text(json.dumps(summary, indent=1))
     print(table)
     print(f"\nwrote {out / 'comparison.png'}, comparison.md, comparison.json")

@@ -101,3 +101,35 @@ def test_compare_trust_and_split_runs_counts_iterations_from_its_own_figures(tmp
     assert summary["naive"]["iterations"] == 2 and summary["aa"]["last"]["honest_claim_rate"] == 0.9
     assert summary["aa"]["last"]["eval/truthful/opponent_return_per_round"] == 20.0
     assert summary["aa"]["last"]["return_per_round"] is None  # never logged here
+
+
+def make_exploit_run(uri: str, name: str, mine: list[float], theirs: list[float]) -> str:
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("t")
+    exp_id = exp.experiment_id if exp else client.create_experiment("t")
+    rid = client.create_run(exp_id, run_name=name).info.run_id
+    client.log_param(rid, "game.name", "split_nocomm")
+    client.log_param(rid, "opponent", f"run:{name}@9")
+    for it, (a, b) in enumerate(zip(mine, theirs, strict=True)):
+        client.log_metric(rid, "learner_return_per_round", a, step=it)
+        if it != 1:  # a step without the target's figure has no gain
+            client.log_metric(rid, "opponent_return_per_round", b, step=it)
+        client.log_metric(rid, "efficiency", 0.6, step=it)
+    client.set_terminated(rid)
+    return rid
+
+
+def test_exploiter_runs_get_both_sides_and_the_gain(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    vs_aa = make_exploit_run(uri, "vs_aa", [80.0, 85.0, 97.0], [82.0, 80.0, 78.0])
+    vs_naive = make_exploit_run(uri, "vs_naive", [86.0, 87.0, 87.0], [87.0, 87.0, 87.0])
+    out = tmp_path / "cmp"
+    assert main([vs_aa, vs_naive], out, uri) == 0
+    summary = json.loads((out / "comparison.json").read_text())
+    assert summary["vs_aa"]["history"]["exploiter_gain_per_round"] == [[0, -2.0], [2, 19.0]]
+    assert summary["vs_aa"]["last"]["exploiter_gain_per_round"] == 19.0
+    assert summary["vs_naive"]["last"]["exploiter_gain_per_round"] == 0.0
+    assert summary["vs_aa"]["opponent"] == "run:vs_aa@9"
+    assert "cooperation_rate" not in summary["vs_aa"]["history"]  # the exploit figures, not the training ones
+    training = make_run(uri, "naive", "split_nocomm", [0.5])
+    assert main([vs_aa, training], tmp_path / "mixed", uri) == 2  # an exploiter and a training run: refused
