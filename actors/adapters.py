@@ -43,6 +43,9 @@ class AdapterVersion:
     data: bytes = field(repr=False)  # adapter_model.safetensors
     config: dict[str, Any] = field(repr=False)  # adapter_config.json
     probe: Probe | None = field(default=None, repr=False)
+    # the store directory these bytes were read from (set by AdapterRef.load): `write` hard-links
+    # its safetensors file instead of writing the bytes again. Not part of the version's identity.
+    origin: str | None = field(default=None, repr=False, compare=False)
 
     @property
     def key(self) -> str:
@@ -50,11 +53,20 @@ class AdapterVersion:
         return f"{self.name}@v{self.version}"
 
     def check_sha(self) -> None:
+        """Raise AdapterError unless the bytes hash to `sha256`. Hashed once per object: the bytes
+        are immutable, and at paper size (161 MB) each hash costs a tenth of a second or more. The
+        verdict does not travel with a pickled copy (`__getstate__`): a receiver hashes again."""
+        if self.__dict__.get("_sha_checked"):
+            return
         got = hashlib.sha256(self.data).hexdigest()
         if got != self.sha256:
             raise AdapterError(
                 f"adapter {self.key}: sha256 mismatch (corrupted bytes): {got[:12]} != {self.sha256[:12]}"
             )
+        object.__setattr__(self, "_sha_checked", True)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_sha_checked"}
 
     def write(self, root: str | os.PathLike[str]) -> Path:
         """Write to a fresh directory under ``root`` atomically (temp dir, then rename): a crash
@@ -71,7 +83,7 @@ class AdapterVersion:
             os.replace(final, stale / "old")
             shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
-        (tmp / "adapter_model.safetensors").write_bytes(self.data)
+        self._write_data(tmp / "adapter_model.safetensors")
         (tmp / "adapter_config.json").write_text(json.dumps(self.config, indent=1))
         try:
             os.replace(tmp, final)
@@ -80,6 +92,21 @@ class AdapterVersion:
             if not self._matches(final):
                 raise
         return final
+
+    def _write_data(self, dest: Path) -> None:
+        """The safetensors bytes at `dest`: a hard link to the store file they were read from when
+        that is a store directory named by this sha256, of this size, on the same file system (store
+        files are written once, atomically, and never changed), else a fresh copy. Workers on one
+        node then share one copy on disk. The engine's fidelity probe still checks what it serves."""
+        if self.origin is not None and Path(self.origin).name == self.sha256:
+            src = Path(self.origin) / "adapter_model.safetensors"
+            try:
+                if src.stat().st_size == len(self.data):
+                    os.link(src, dest)
+                    return
+            except OSError:  # another file system, a store that went away, or no hard links
+                pass
+        dest.write_bytes(self.data)
 
     def _matches(self, path: Path) -> bool:
         try:
@@ -125,7 +152,7 @@ class AdapterRef:
             data = (path / "adapter_model.safetensors").read_bytes()
         except OSError as e:
             raise AdapterError(f"adapter {self.key}: cannot read its bytes at {path}: {e}") from e
-        version = AdapterVersion(self.name, self.version, self.sha256, data, self.config, self.probe)
+        version = AdapterVersion(self.name, self.version, self.sha256, data, self.config, self.probe, origin=self.uri)
         version.check_sha()
         return version
 

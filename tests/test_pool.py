@@ -176,6 +176,35 @@ def test_store_keeps_each_sha256_once_and_refs_carry_no_bytes(tmp_path) -> None:
     assert store.collect({version(4).sha256}) == [v.sha256] and store.has(store.put(version(4)))
 
 
+def test_served_copies_of_a_stored_version_share_its_file(tmp_path) -> None:
+    """Workers on one node each write a served directory per version: for bytes read from the
+    store it is a hard link to the store's file (one copy on disk), for other bytes a fresh file."""
+    import dataclasses
+    import pickle
+
+    from actors.adapters import AdapterStore
+
+    store = AdapterStore(tmp_path / "adapters")
+    ref = store.put(version(5))
+    stored = Path(ref.uri) / "adapter_model.safetensors"
+    served = [ref.load().write(tmp_path / f"worker-{i}") / "adapter_model.safetensors" for i in range(3)]
+    assert {f.stat().st_ino for f in served} == {stored.stat().st_ino} and stored.stat().st_nlink == 4
+    assert all(f.read_bytes() == version(5).data for f in served)
+    fresh = version(5).write(tmp_path / "worker-x") / "adapter_model.safetensors"  # not read from a store
+    assert fresh.stat().st_ino != stored.stat().st_ino and fresh.read_bytes() == version(5).data
+    other = version(6)  # other bytes that claim the store file as their origin are not linked to it
+    copied = dataclasses.replace(other, origin=ref.uri).write(tmp_path / "worker-y") / "adapter_model.safetensors"
+    assert copied.stat().st_ino != stored.stat().st_ino and copied.read_bytes() == other.data
+    store.collect(set())  # the store lets go of the version: the served copies keep their bytes
+    assert not stored.exists() and all(f.read_bytes() == version(5).data for f in served)
+    bad = dataclasses.replace(version(5), data=b"X" * len(version(5).data))
+    with pytest.raises(AdapterError, match="sha256 mismatch"):
+        bad.write(tmp_path / "worker-z")
+    good = version(7)
+    good.check_sha()  # hashed once per object; a pickled copy (another process) hashes again
+    assert not pickle.loads(pickle.dumps(good)).__dict__.get("_sha_checked") and good.__dict__["_sha_checked"]
+
+
 def test_pool_of_references_stays_small_with_many_snapshots(tmp_path) -> None:
     """300 snapshots of a 161 MB adapter: the pool holds metadata only (bounded whatever the count)."""
     import pickle
