@@ -165,7 +165,12 @@ class RolloutWorker:
             self._started = asyncio.ensure_future(self._start())
         await asyncio.shield(self._started)
 
-    async def _load(self, version: AdapterVersion | AdapterRef) -> str:
+    async def _load(self, version: Any) -> str:
+        """Load a version given as an AdapterVersion, an AdapterRef or an object ref of either. A
+        reference's bytes are read from the store only when the version is not loaded yet: a sync
+        that changes nothing reads nothing (at paper size a sync names 29 versions of 161 MB)."""
+        if not isinstance(version, AdapterVersion | AdapterRef):
+            version = await _resolve(version)  # an object ref
         if self.loaded.get(version.key) == version.sha256:
             return version.key  # idempotent: a retried call after a restart is a no-op
         if isinstance(version, AdapterRef):
@@ -177,14 +182,14 @@ class RolloutWorker:
     async def load_adapter(self, version: AdapterVersion | AdapterRef) -> str:
         """Load (validate, probe) a version; return its key. Idempotent for the same version."""
         await self.ready()
-        return await self._load(await _resolve(version))
+        return await self._load(version)
 
     async def sync_adapters(self, versions: Sequence[AdapterRef | AdapterVersion], unload: bool = True) -> list[str]:
         """Hold exactly `versions` (with `unload`; else at least them): load (read from the store,
         validate, probe) those missing, in order, and retire the others. Returns the loaded keys."""
         await self.ready()
         for version in versions:
-            await self._load(await _resolve(version))
+            await self._load(version)
         if unload:
             want = {v.key for v in versions}
             for key in [k for k in self.loaded if k not in want]:

@@ -87,6 +87,37 @@ def test_worker_restart_reloads_from_the_adapter_source(model_dir: Path) -> None
     assert asyncio.run(go()) == ["learner@v2", "learner@v4"]
 
 
+def test_a_sync_reads_only_the_versions_it_lacks(model_dir: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refs of versions already loaded are not read from the store again (at paper size a sync
+    names the current version and up to 28 snapshots of 161 MB each)."""
+    from actors.adapters import AdapterRef, AdapterStore
+
+    store = AdapterStore(tmp_path / "adapters")
+    refs = [store.put(tiny_version("learner", v)) for v in range(3)]
+    reads: list[str] = []
+    real_load = AdapterRef.load
+
+    def counted(self: AdapterRef) -> AdapterVersion:
+        reads.append(self.key)
+        return real_load(self)
+
+    monkeypatch.setattr(AdapterRef, "load", counted)
+
+    async def go() -> list[list[str]]:
+        w = RolloutWorker({"model": str(model_dir), "engine_factory": "support:fake_engine"})
+        held = [await w.sync_adapters(refs[:2])]
+        held.append(await w.sync_adapters(refs))  # v0 and v1 held: only v2 is read
+        held.append(await w.sync_adapters(refs[1:]))  # nothing new: nothing read, v0 retired
+        await w.load_adapter(refs[2])  # idempotent, no read
+        return held
+
+    held = asyncio.run(go())
+    assert reads == ["learner@v0", "learner@v1", "learner@v2"]
+    assert held == [["learner@v0", "learner@v1"], ["learner@v0", "learner@v1", "learner@v2"],
+                    ["learner@v1", "learner@v2"]]
+
+
 ENGINE_STARTS: list[str] = []
 
 
