@@ -12,12 +12,16 @@ through the pool, the driver and checkpoints; each rollout worker reads the byte
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,14 +150,50 @@ class AdapterRef:
         return f"{self.name}@v{self.version}"
 
     def load(self) -> AdapterVersion:
-        """The version's bytes, read from the store and checked against the sha256 (AdapterError)."""
+        """The version's bytes, read from the store and checked against the sha256 (AdapterError).
+
+        The hash is computed once per node and file: the first reader on a node records the file's
+        identity (inode, size, mtime) next to it after a successful check (`.verified-<host>`, under
+        a lock), and a later reader of the same unchanged file on that node skips the hash. Eight
+        workers on one node loading a 161 MB version then hash it once, not eight times. A file
+        rewritten since (a new mtime or inode) is hashed again; the engine's fidelity probe still
+        checks what it serves."""
         path = Path(self.uri)
+        file = path / "adapter_model.safetensors"
+        started = time.time_ns()
         try:
-            data = (path / "adapter_model.safetensors").read_bytes()
+            before = _identity(file)
+            data = file.read_bytes()
+            read = _identity(file)
         except OSError as e:
             raise AdapterError(f"adapter {self.key}: cannot read its bytes at {path}: {e}") from e
         version = AdapterVersion(self.name, self.version, self.sha256, data, self.config, self.probe, origin=self.uri)
-        version.check_sha()
+        if read != before or len(data) != read[1]:  # changed while read: check these bytes, record nothing
+            version.check_sha()
+            return version
+        marker = path / f".verified-{socket.gethostname()}"
+        with _locked(path / f".verify-{socket.gethostname()}.lock"):
+            try:
+                recorded = json.loads(marker.read_text())
+            except (OSError, ValueError):
+                recorded = None
+            if recorded == {"sha256": self.sha256, "file": list(read)}:
+                object.__setattr__(version, "_sha_checked", True)
+                return version
+            try:
+                version.check_sha()
+            except AdapterError:  # the record described other bytes: gone, whatever the file's stat says later
+                with contextlib.suppress(OSError):
+                    marker.unlink(missing_ok=True)
+                raise
+            # Recorded only for a file last written a clock tick or more before this read began: file
+            # times come from the kernel's coarse clock, so a rewrite within the tick of the last
+            # write could keep its mtime ("racily clean", as git calls it); any later rewrite cannot.
+            if read[3] < started - _RACY_NS:
+                with contextlib.suppress(OSError):  # a read-only store: every reader hashes
+                    tmp = marker.with_name(f"{marker.name}.{os.getpid()}.tmp")
+                    tmp.write_text(json.dumps({"sha256": self.sha256, "file": list(read)}))
+                    os.replace(tmp, marker)
         return version
 
     def meta(self) -> dict[str, Any]:
@@ -168,6 +208,31 @@ class AdapterRef:
         probe = meta.get("probe")
         return cls(meta["name"], int(meta["version"]), meta["sha256"], int(meta["size"]), str(uri), meta["config"],
                    Probe(tuple(probe["token_ids"]), tuple(probe["logprobs"])) if probe else None)
+
+
+_RACY_NS = 20_000_000  # 20 ms: two ticks of a 100 Hz kernel clock, the coarsest in use
+
+
+def _identity(file: Path) -> tuple[int, int, int, int]:
+    """What tells this file's bytes apart from a rewrite: device, size, inode and mtime. Not ctime:
+    every hard link a worker makes to a store file changes its ctime, never its bytes."""
+    st = file.stat()
+    return st.st_dev, st.st_size, st.st_ino, st.st_mtime_ns
+
+
+@contextlib.contextmanager
+def _locked(lock: Path) -> Any:
+    """An exclusive lock on `lock` (created), or no lock where the store is not writable."""
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 class AdapterStore:

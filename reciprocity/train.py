@@ -517,8 +517,10 @@ class Trainer:
 
     def log_adapter(self, version: AdapterRef) -> None:
         """The adapter files of `version` as MLflow artifacts `adapters/v<N>/` (for `run:ID@N` specs),
-        copied from the adapter store (file to file: the driver does not read the adapter)."""
-        self.tracker.log_artifacts(version.uri, f"adapters/v{version.version}")
+        copied from the adapter store (file to file: the driver does not read the adapter). The two
+        PEFT files only: not the store's per-node verification records next to them."""
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            self.tracker.log_artifact(Path(version.uri) / name, f"adapters/v{version.version}")
 
     def log_curves(self) -> None:
         """Re-plot the run's curves (the whole MLflow history, so a resumed run plots all of it)."""

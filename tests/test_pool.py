@@ -205,6 +205,46 @@ def test_served_copies_of_a_stored_version_share_its_file(tmp_path) -> None:
     assert not pickle.loads(pickle.dumps(good)).__dict__.get("_sha_checked") and good.__dict__["_sha_checked"]
 
 
+def test_a_node_hashes_a_stored_version_once_and_still_rejects_a_rewrite(tmp_path, monkeypatch) -> None:
+    """Workers on one node loading the same store file hash it once (the first records it); a
+    rewrite of the file, another node, or a file written within the clock tick of the read (which a
+    rewrite could not be told apart from) is hashed again, and corrupted bytes are rejected."""
+    import os
+    import time
+
+    from actors import adapters
+    from actors.adapters import AdapterStore
+
+    hashed: list[int] = []
+    real_sha256 = hashlib.sha256
+
+    def counting(data: bytes = b"") -> object:
+        hashed.append(len(data))
+        return real_sha256(data)
+
+    v = AdapterVersion("learner", 3, real_sha256(b"w" * 4096).hexdigest(), b"w" * 4096, {"r": 8})
+    ref = AdapterStore(tmp_path / "adapters").put(v)
+    file = Path(ref.uri) / "adapter_model.safetensors"
+    monkeypatch.setattr(adapters.hashlib, "sha256", counting)
+
+    assert ref.load() == v and ref.load() == v and len(hashed) == 2  # just written: racily clean, not recorded
+    old = time.time_ns() - 10**9
+    os.utime(file, ns=(old, old))  # as a file written a second before its first reader
+    loads = [ref.load() for _ in range(4)]  # four workers on this node
+    assert all(x == v for x in loads) and len(hashed) == 3
+    monkeypatch.setattr(adapters.socket, "gethostname", lambda: "another-node")
+    assert ref.load() == v and len(hashed) == 4  # another node hashes for itself
+    monkeypatch.undo()
+    monkeypatch.setattr(adapters.hashlib, "sha256", counting)
+    file.write_bytes(b"X" * 4096)  # corrupted in place, same size and inode: a new mtime
+    with pytest.raises(AdapterError, match="corrupted"):
+        ref.load()
+    os.utime(file, ns=(old, old))  # even with the recorded mtime put back, the bytes fail their hash
+    with pytest.raises(AdapterError, match="corrupted"):
+        ref.load()
+    assert len(hashed) == 6
+
+
 def test_pool_of_references_stays_small_with_many_snapshots(tmp_path) -> None:
     """300 snapshots of a 161 MB adapter: the pool holds metadata only (bounded whatever the count)."""
     import pickle
