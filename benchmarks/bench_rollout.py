@@ -115,7 +115,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 
     config = {
         "model": str(args.model),
-        "engine": {"max_loras": 2, "max_lora_rank": 8, "max_model_len": 4096, "max_num_seqs": 256},
+        "engine": {"max_loras": 2, "max_lora_rank": 8, "max_model_len": 4096, "max_num_seqs": 256,
+                   **({"engine_kwargs": json.loads(args.engine_kwargs)} if args.engine_kwargs else {})},
         "concurrency": args.games,
     }
     worker = RolloutWorker(config)
@@ -148,6 +149,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             "worker_seconds": round(worker_seconds, 2),
             "raw_seconds": round(raw_seconds, 2),
             "generated_tokens": [int(worker_tokens), int(raw_tokens)],
+            "engine_kwargs": json.loads(args.engine_kwargs or "{}"),
+            "vllm_cpu_num_of_reserved_cpu": os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "default"),
         }
     finally:
         worker.engine.engine.shutdown()
@@ -159,5 +162,6 @@ if __name__ == "__main__":
     parser.add_argument("--games", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--engine-kwargs", default="", help='extra vLLM engine args as JSON: {"block_size": 32}')
     result = asyncio.run(main(parser.parse_args()))
     print(json.dumps(result))
