@@ -1,13 +1,16 @@
 """The learner's peak memory at the smoke config, and what bounding it costs in tokens/s.
 
-Usage: python benchmarks/bench_learner_memory.py [--games 16] [--steps 2] [--threads 2]
+Usage: python benchmarks/bench_learner_memory.py [--games 16] [--steps 2] [--threads 2] [--speed-ab]
+
+--speed-ab: the cost of a fixed mmap threshold in time, under equal load: one process, alternate
+steps with glibc's threshold at 32 MB (where the sliding default ends up) and at 128 KiB.
 
 Each setting runs in a fresh child process (peak RSS is a per-process high-water mark): the real
 `Learner` (DeepSpeed, PEFT, configs/smoke.yaml's learner settings: SmolLM2, LoRA r 8, AA credit,
 entropy 0.01, 4096-token micro-batches), `--games` IPD-like games of 2..10 rounds with both seats
 trainable (bench_learner's batch: more rows than the smoke run's one trained seat, so an upper
 bound), one warm-up step and `--steps` timed steps. A setting is activation checkpointing on/off
-times the micro-batch token budget.
+times the micro-batch token budget times glibc's mmap threshold (`learner.mmap_threshold`).
 
 Per setting: peak RSS of the child (getrusage ru_maxrss), learner tokens/s (median step), and the
 steps' loss and gradient norm, so that one can see the settings compute the same update (they
@@ -30,8 +33,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-SETTINGS = [  # (gradient_checkpointing, micro_batch_tokens)
-    (False, 4096), (True, 4096), (False, 2048), (True, 2048), (True, 8192),
+SETTINGS = [  # (gradient_checkpointing, micro_batch_tokens, mmap threshold: 0 = glibc's sliding default)
+    (False, 4096, 0), (True, 4096, 0), (True, 4096, 131072), (True, 4096, 4 << 20), (False, 4096, 131072),
+    (True, 2048, 0), (True, 8192, 0),
 ]
 
 
@@ -42,30 +46,41 @@ def child(args: argparse.Namespace) -> dict:
     from bench_learner import MODEL, make_table
     from transformers import AutoTokenizer
 
-    from learner.learner import Learner
+    from learner.learner import Learner, set_mmap_threshold
     from reciprocity.config import load_config
     from reciprocity.train import learner_config
 
     torch.set_num_threads(args.threads)
     cfg = load_config(ROOT / "configs" / "smoke.yaml")
     lc = dataclasses.replace(learner_config(cfg), model_dir=str(MODEL), num_threads=args.threads,
-                             gradient_checkpointing=args.checkpointing, micro_batch_tokens=args.micro_batch_tokens)
+                             gradient_checkpointing=args.checkpointing, micro_batch_tokens=args.micro_batch_tokens,
+                             mmap_threshold=args.mmap_threshold or None)
     tok = AutoTokenizer.from_pretrained(str(MODEL))
     table = make_table(tok, args.games)
     learner = Learner(lc)
     learner.setup()
     rss_setup = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     steps, seconds = [], []
+    ab: dict[int, list[float]] = {32 << 20: [], 128 << 10: []}
     for i in range(args.steps + 1):
+        if args.speed_ab and i:  # alternate glibc's threshold: the sliding default's ceiling, the fixed one
+            threshold = list(ab)[i % 2]
+            set_mmap_threshold(threshold)
         t = time.perf_counter()
         m = learner.train_step([table])
         if i:  # the first is a warm-up
             seconds.append(time.perf_counter() - t)
+            if args.speed_ab:
+                ab[threshold].append(seconds[-1])
         steps.append({k: m[k] for k in ("loss", "grad_norm") if k in m})
     tokens = int(sum(len(r) for r in table.column("token_ids").to_pylist()))
+    if args.speed_ab:  # one process, the same load on the machine for both: step seconds per threshold
+        return {"speed_ab_step_s": {str(k): v for k, v in ab.items()},
+                "fixed_over_sliding_step_s": statistics.median(ab[128 << 10]) / statistics.median(ab[32 << 20])}
     return {
         "gradient_checkpointing": args.checkpointing,
         "micro_batch_tokens": args.micro_batch_tokens,
+        "mmap_threshold": args.mmap_threshold,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "peak_rss_after_setup_bytes": rss_setup,
         "tokens_per_step": tokens,
@@ -84,7 +99,12 @@ def main() -> None:
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--micro-batch-tokens", type=int, default=4096, help=argparse.SUPPRESS)
+    ap.add_argument("--mmap-threshold", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--speed-ab", action="store_true",
+                    help="one process: alternate steps with a 32 MB and a 128 KiB mmap threshold, print their times")
     args = ap.parse_args()
+    if args.speed_ab:
+        args.child = True
     if args.child:
         import contextlib
 
@@ -95,25 +115,27 @@ def main() -> None:
         return
 
     runs = []
-    for ckpt, mbt in SETTINGS:
+    for ckpt, mbt, mmap in SETTINGS:
         cmd = [sys.executable, __file__, "--child", "--games", str(args.games), "--steps", str(args.steps),
-               "--threads", str(args.threads), "--micro-batch-tokens", str(mbt)] + (["--checkpointing"] if ckpt else [])
+               "--threads", str(args.threads), "--micro-batch-tokens", str(mbt), "--mmap-threshold", str(mmap)]
+        cmd += ["--checkpointing"] if ckpt else []
         out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
         runs.append(json.loads(out.strip().splitlines()[-1]))
-        print(json.dumps({k: runs[-1][k] for k in ("gradient_checkpointing", "micro_batch_tokens", "peak_rss_bytes",
-                                                   "learner_tok_s")}), file=sys.stderr)
+        print(json.dumps({k: runs[-1][k] for k in ("gradient_checkpointing", "micro_batch_tokens", "mmap_threshold",
+                                                   "peak_rss_bytes", "learner_tok_s")}), file=sys.stderr)
     base = runs[0]
+
+    def name(r: dict) -> str:
+        return f"ckpt={r['gradient_checkpointing']},mbt={r['micro_batch_tokens']},mmap={r['mmap_threshold']}"
+
     print(json.dumps({
         "name": "learner_memory",
         "games": args.games,
         "threads": args.threads,
         "runs": runs,
-        "peak_rss_gb": {f"ckpt={r['gradient_checkpointing']},mbt={r['micro_batch_tokens']}": r["peak_rss_bytes"] / 1e9
-                        for r in runs},
-        "tok_s_over_default": {f"ckpt={r['gradient_checkpointing']},mbt={r['micro_batch_tokens']}":
-                               r["learner_tok_s"] / base["learner_tok_s"] for r in runs},
-        "same_update_as_default": {f"ckpt={r['gradient_checkpointing']},mbt={r['micro_batch_tokens']}":
-                                   r["steps"] == base["steps"] for r in runs},
+        "peak_rss_gb": {name(r): r["peak_rss_bytes"] / 1e9 for r in runs},
+        "tok_s_over_first": {name(r): r["learner_tok_s"] / base["learner_tok_s"] for r in runs},
+        "same_update_as_first": {name(r): r["steps"] == base["steps"] for r in runs},
         "loadavg_1m": os.getloadavg()[0],
     }))
 

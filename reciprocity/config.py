@@ -112,6 +112,11 @@ class Learner(Section):
     # the same gradients. auto: on where the rank has no GPU (a CPU learner's peak RSS at the smoke
     # config drops from 7.8 to 4.2 GB; sysdesign/benchmarks.md), off on GPU
     gradient_checkpointing: bool | Literal["auto"] = "auto"
+    # glibc's mmap threshold of a rank, in bytes, fixed (learner.set_mmap_threshold): large blocks are
+    # mapped and given back whole instead of fragmenting the heap. auto: CPU_MMAP_THRESHOLD where the
+    # rank has no GPU, glibc's sliding default on GPU; 0: glibc's default. Memory only, no number
+    # changes (sysdesign/benchmarks.md)
+    mmap_threshold: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
     # torch threads of a rank. auto: in sync mode the cores of the rank's node shared among the ranks
     # (rollout and learning never overlap, so the learner may use the engine's core too: Ray's logical
     # CPUs are oversubscribed on purpose); in async mode int(cpus_per_rank). sysdesign/learner.md
@@ -168,9 +173,10 @@ class Config(Section):
         """What a checkpoint must match to be resumed: everything but bookkeeping fields. `runs_dir`
         is where the run lives, not what it is (a run resumes from another working directory);
         learner.threads only sets speed (and the float rounding of a matmul's reduction, as another
-        machine would); learner.gradient_checkpointing only memory and speed."""
+        machine would); learner.gradient_checkpointing and learner.mmap_threshold only memory and speed."""
         d = self.model_dump(exclude={"iterations": True, "tracking": True, "checkpoint": True, "evaluation": True,
-                                     "runs_dir": True, "learner": {"threads", "gradient_checkpointing"}})
+                                     "runs_dir": True, "learner": {"threads", "gradient_checkpointing",
+                                                                                  "mmap_threshold"}})
         if d["buffer"]["max_snapshots"] is None:  # the default: runs checkpointed before it existed resume
             del d["buffer"]["max_snapshots"]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

@@ -152,7 +152,19 @@ def learner_config(cfg: Config) -> LearnerConfig:
         gradient_checkpointing=(learner.gpus_per_rank == 0 if learner.gradient_checkpointing == "auto"
                                 else learner.gradient_checkpointing),
         num_threads=learner_threads(cfg),
+        mmap_threshold=learner_mmap_threshold(cfg),
     )
+
+
+CPU_MMAP_THRESHOLD = 128 * 1024  # glibc's initial threshold, fixed: sysdesign/benchmarks.md
+
+
+def learner_mmap_threshold(cfg: Config) -> int | None:
+    """A rank's fixed glibc mmap threshold: auto = CPU_MMAP_THRESHOLD on a CPU rank, else none."""
+    value = cfg.learner.mmap_threshold
+    if value == "auto":
+        return CPU_MMAP_THRESHOLD if cfg.learner.gpus_per_rank == 0 else None
+    return value or None
 
 
 def learner_threads(cfg: Config) -> int | str:

@@ -79,6 +79,46 @@ def test_learner_threads_take_the_node_in_sync_mode_and_the_ray_cpus_in_async_mo
     assert node_threads(1) == cores and node_threads(2) == max(1, cores // 2) and node_threads(10**6) == 1
 
 
+def test_a_cpu_rank_fixes_the_mmap_threshold_and_large_blocks_then_leave_the_heap() -> None:
+    """auto: a CPU rank fixes glibc's mmap threshold (a GPU rank and 0 keep glibc's sliding one).
+    Fixed, a 1 MB block freed after a 20 MB one is still mapped on its own (mallinfo2's hblkhd grows
+    by it): with the sliding default the 20 MB free raises the threshold and the block comes from
+    the heap, where freed blocks fragment it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from reciprocity.config import Config
+    from reciprocity.train import CPU_MMAP_THRESHOLD
+    from reciprocity.train import learner_config as from_run_config
+
+    def threshold(**learner: object) -> object:
+        return from_run_config(Config.model_validate({"learner": learner})).mmap_threshold
+
+    assert threshold() == CPU_MMAP_THRESHOLD and threshold(gpus_per_rank=1) is None
+    assert threshold(mmap_threshold=0) is None and threshold(mmap_threshold=1 << 20) == 1 << 20
+    with pytest.raises(ValueError, match="mmap_threshold"):
+        Config.model_validate({"learner": {"mmap_threshold": -1}})
+    probe = """
+import ctypes, sys
+from learner.learner import set_mmap_threshold
+class M(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6"); libc.mallinfo2.restype = M
+libc.malloc.restype = ctypes.c_void_p; libc.free.argtypes = [ctypes.c_void_p]
+fixed = sys.argv[1] == "fixed" and set_mmap_threshold(131072)
+libc.free(libc.malloc(20 << 20))  # a large block, mapped and freed: the sliding threshold rises to 20 MB
+before = libc.mallinfo2().hblkhd
+block = libc.malloc(1 << 20)
+print(int(fixed), libc.mallinfo2().hblkhd - before)
+"""
+    out = {mode: subprocess.run([sys.executable, "-c", probe, mode], check=True, capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parents[1]).stdout.split() for mode in ("fixed", "default")}
+    assert out["fixed"][0] == "1" and int(out["fixed"][1]) >= 1 << 20  # mapped on its own
+    assert int(out["default"][1]) == 0  # from the heap
+
+
 def _lora_state(learner: Learner) -> dict[str, torch.Tensor]:
     from peft import get_peft_model_state_dict
 
