@@ -341,7 +341,8 @@ def main() -> None:
         ray.get = real_get
         shutil.rmtree(tmp, ignore_errors=True)
         ray.shutdown()
-    out["machine"] = f"{os.cpu_count()} cores, shared with other runs; workers and the pool on one node"
+    out["machine"] = (f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end; "
+                      "workers and the pool on one node")
     print(json.dumps(out))  # one line: `make bench` saves the last line
 
 
