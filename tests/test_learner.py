@@ -113,8 +113,9 @@ before = libc.mallinfo2().hblkhd
 block = libc.malloc(1 << 20)
 print(int(fixed), libc.mallinfo2().hblkhd - before)
 """
+    root = Path(__file__).resolve().parents[1]
     out = {mode: subprocess.run([sys.executable, "-c", probe, mode], check=True, capture_output=True, text=True,
-                                cwd=Path(__file__).resolve().parents[1]).stdout.split() for mode in ("fixed", "default")}
+                                cwd=root).stdout.split() for mode in ("fixed", "default")}
     assert out["fixed"][0] == "1" and int(out["fixed"][1]) >= 1 << 20  # mapped on its own
     assert int(out["default"][1]) == 0  # from the heap
 
