@@ -171,8 +171,9 @@ class AdapterRef:
         if read != before or len(data) != read[1]:  # changed while read: check these bytes, record nothing
             version.check_sha()
             return version
-        marker = path / f".verified-{socket.gethostname()}"
-        with _locked(path / f".verify-{socket.gethostname()}.lock"):
+        host = socket.gethostname()
+        marker = path / f".verified-{host}"
+        with _locked(path / f".verify-{host}.lock"):
             try:
                 recorded = json.loads(marker.read_text())
             except (OSError, ValueError):

@@ -174,9 +174,9 @@ class Config(Section):
         is where the run lives, not what it is (a run resumes from another working directory);
         learner.threads only sets speed (and the float rounding of a matmul's reduction, as another
         machine would); learner.gradient_checkpointing and learner.mmap_threshold only memory and speed."""
+        speed_and_memory = {"threads", "gradient_checkpointing", "mmap_threshold"}
         d = self.model_dump(exclude={"iterations": True, "tracking": True, "checkpoint": True, "evaluation": True,
-                                     "runs_dir": True, "learner": {"threads", "gradient_checkpointing",
-                                                                                  "mmap_threshold"}})
+                                     "runs_dir": True, "learner": speed_and_memory})
         if d["buffer"]["max_snapshots"] is None:  # the default: runs checkpointed before it existed resume
             del d["buffer"]["max_snapshots"]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
