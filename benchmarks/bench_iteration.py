@@ -8,16 +8,17 @@ Prints one JSON object (last line). Per layout:
   workers, the vLLM engine processes, the learner) over wall seconds x cores, per phase and over
   whole iterations; `machine_util_*` the same from /proc/stat for every process on the machine.
 - `engine_flops_over_peak`: the engine's achieved FLOP/s in the rollout phase over the measured
-  matmul peak at the engine's threads (vLLM's CPU worker runs one OpenMP thread on one core, the
-  other core reserved for its front end). FLOPs = 2 x parameters x (prefill tokens actually
+  bf16 matmul peak at the engine's threads (`engine_torch_threads`, read back from the engine
+  process: `rollout.engine_threads`). FLOPs = 2 x parameters x (prefill tokens actually
   computed + decode tokens), the token counts from the engine's own statistics (prompt tokens minus
   prefix-cache hits); attention left out, so it is a lower bound.
 - `learner_peak_rss_gb`: the learner rank's peak resident memory, sampled every 0.2 s.
 
     python benchmarks/bench_iteration.py [--iterations 3] [--compare] [key.sub=value ...]
 
-`--compare` runs the previous layout (`learner.threads=1`: one thread per phase) and the new
-default back to back on the same machine and adds `seconds_iteration_new_over_previous_ratio`.
+`--compare` runs the previous layout (`learner.threads=1 rollout.engine_threads=1`: one thread per
+phase) and the new default back to back on the same machine and adds
+`seconds_iteration_new_over_previous_ratio`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 CORES = len(os.sched_getaffinity(0))
+PREVIOUS_LAYOUT = ["learner.threads=1", "rollout.engine_threads=1"]  # one thread per phase
 
 
 def machine_busy() -> tuple[float, float]:
@@ -195,12 +197,13 @@ def measure(iterations: int, overrides: list[str]) -> dict[str, Any]:
     cached = sum(e.get("cached_prompt_tokens", 0) for e in engines)
     decoded = sum(e.get("generated_tokens", 0) for e in engines)
     rollout_s = sum(h.get("seconds/rollout", 0.0) for h in history)
+    threads = min((e.get("torch_threads") or 1 for e in engines), default=1)
     if prompt:
         flops = 2 * model_params(Path(cfg.model.path)) * (prompt - cached + decoded)
-        peak = engine_peak(1)
+        peak = engine_peak(threads)
         out.update({"engine_prompt_tokens": prompt, "engine_cached_prompt_tokens": cached,
                     "engine_decode_tokens": decoded, "engine_tflop_s": flops / rollout_s / 1e12,
-                    "engine_peak_bf16_1_thread_tflop_s": peak / 1e12,
+                    "engine_torch_threads": threads, "engine_peak_bf16_tflop_s": peak / 1e12,
                     "engine_flops_over_peak": flops / rollout_s / peak})
     out["wall_seconds_total"] = wall
     return out
@@ -209,12 +212,13 @@ def measure(iterations: int, overrides: list[str]) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--iterations", type=int, default=3)
-    ap.add_argument("--compare", action="store_true", help="previous layout (learner.threads=1), then the default")
+    ap.add_argument("--compare", action="store_true",
+                    help="previous layout (one thread per phase), then the default")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     out: dict[str, Any] = {"name": "iteration", "config": "configs/smoke.yaml"}
     if args.compare:
-        previous = measure(args.iterations, ["learner.threads=1", *args.overrides])
+        previous = measure(args.iterations, [*PREVIOUS_LAYOUT, *args.overrides])
         new = measure(args.iterations, list(args.overrides))
         ratio = {f"seconds_{k}_new_over_previous_ratio": new[f"seconds_{k}"] / previous[f"seconds_{k}"]
                  for k in ("iteration", "learn")}

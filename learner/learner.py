@@ -44,7 +44,7 @@ import pyarrow as pa
 import torch
 
 from actors.adapters import AdapterRef, AdapterStore, AdapterVersion, Probe
-from actors.device import cpu_has_bf16
+from actors.device import cpu_has_bf16, node_cores
 from learner.batch import BatchError, CreditSpec, IterationBatch, MicroBatch, build_iteration, build_rank_iteration
 from learner.constrain import Constrainer
 from learner.credit import CREDIT_METHODS
@@ -194,7 +194,7 @@ class Learner:
         if cfg.mmap_threshold is not None:
             set_mmap_threshold(cfg.mmap_threshold)
         if cfg.num_threads:
-            torch.set_num_threads(node_threads(self.world_size) if cfg.num_threads == "node" else int(cfg.num_threads))
+            torch.set_num_threads(node_cores(self.world_size) if cfg.num_threads == "node" else int(cfg.num_threads))
         master = master_address or self._master or (self.master_address() if self.world_size == 1 else None)
         if master is None:
             raise RuntimeError("world_size > 1: call setup(rank0.master_address()) on every rank")
@@ -494,12 +494,6 @@ def set_mmap_threshold(nbytes: int) -> bool:
         return False
     m_mmap_threshold = -3
     return bool(mallopt(m_mmap_threshold, int(nbytes)))
-
-
-def node_threads(ranks: int) -> int:
-    """The cores this process may run on, shared among ``ranks`` ranks (ranks are packed on one node
-    on a laptop; across nodes this undercounts, which only costs speed)."""
-    return max(1, len(os.sched_getaffinity(0)) // max(1, ranks))
 
 
 def resolve_dtype(name: str) -> torch.dtype:

@@ -78,6 +78,10 @@ class Rollout(Section):
     max_loras: int = Field(4, ge=1)
     kv_cache_gib: float = Field(2.0, gt=0)
     probe_tolerance: float = Field(0.1, gt=0)
+    # torch threads of an engine. auto: in sync mode the cores of the worker's node shared among the
+    # workers (the learner idles while the engine rolls out: Ray's logical CPUs are oversubscribed on
+    # purpose, as for learner.threads); in async mode max(1, int(cpus_per_worker)). sysdesign/engine.md
+    engine_threads: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
 
     @model_validator(mode="after")
     def _groups_divide(self) -> Rollout:
@@ -172,11 +176,12 @@ class Config(Section):
     def fingerprint(self) -> str:
         """What a checkpoint must match to be resumed: everything but bookkeeping fields. `runs_dir`
         is where the run lives, not what it is (a run resumes from another working directory);
-        learner.threads only sets speed (and the float rounding of a matmul's reduction, as another
-        machine would); learner.gradient_checkpointing and learner.mmap_threshold only memory and speed."""
+        learner.threads and rollout.engine_threads only set speed (and the float rounding of a matmul's
+        reduction, as another machine would); learner.gradient_checkpointing and learner.mmap_threshold
+        only memory and speed."""
         speed_and_memory = {"threads", "gradient_checkpointing", "mmap_threshold"}
         d = self.model_dump(exclude={"iterations": True, "tracking": True, "checkpoint": True, "evaluation": True,
-                                     "runs_dir": True, "learner": speed_and_memory})
+                                     "runs_dir": True, "learner": speed_and_memory, "rollout": {"engine_threads"}})
         if d["buffer"]["max_snapshots"] is None:  # the default: runs checkpointed before it existed resume
             del d["buffer"]["max_snapshots"]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

@@ -126,9 +126,20 @@ async def _call(worker: Any, method: str, *args: Any) -> Any:
 
 def engine_options(cfg: Config, **sizing: Any) -> dict[str, Any]:
     """VLLMEngine keyword arguments of a rollout worker from the config (context length, KV cache,
-    seed) plus the caller's LoRA sizing (max_loras, max_lora_rank, ...): the one place engines are sized."""
+    seed, threads) plus the caller's LoRA sizing (max_loras, max_lora_rank, ...): the one place
+    engines are sized."""
     return {"max_model_len": cfg.model.max_model_len, "kv_cache_gib": cfg.rollout.kv_cache_gib, "seed": cfg.seed,
-            **sizing}
+            "threads": engine_threads(cfg), **sizing}
+
+
+def engine_threads(cfg: Config) -> int | str:
+    """An engine's torch threads: the explicit count; in sync mode "node" (the worker's node's cores
+    shared among the workers: the learner idles while the engine rolls out); in async mode the CPUs
+    Ray gives the worker, because there the learner learns beside it."""
+    threads = cfg.rollout.engine_threads
+    if threads != "auto":
+        return threads
+    return "node" if cfg.mode == "sync" else max(1, int(cfg.rollout.cpus_per_worker))
 
 
 def sampling_of(cfg: Config) -> SamplingSpec:

@@ -136,6 +136,7 @@ def worker_config(cfg: Config, run_dir: Path, pool: Any, opponent: Any = None, i
                                  probe_tolerance=cfg.rollout.probe_tolerance),
         "adapter_source": pool,
         "concurrency": cfg.rollout.concurrency,
+        "engines_per_node": cfg.rollout.workers,  # engine threads "node": the cores shared among them
     }
 
 

@@ -84,8 +84,24 @@ def test_fingerprint_ignores_bookkeeping_only() -> None:
     assert a.fingerprint() == Config(learner={"threads": 1}).fingerprint()
     # so is activation checkpointing (memory and speed; the same gradients)
     assert a.fingerprint() == Config(learner={"gradient_checkpointing": False}).fingerprint()
+    assert a.fingerprint() == Config(rollout={"engine_threads": 1}).fingerprint()  # speed only
     assert a.fingerprint() != Config(learner={"lr": 0.5}).fingerprint()
     assert a.fingerprint() == Config(runs_dir="/elsewhere/runs").fingerprint()  # where, not what
+
+
+def test_engine_threads_take_the_node_in_sync_mode_and_the_ray_cpus_in_async_mode() -> None:
+    from reciprocity.evaluate import engine_options
+
+    def threads(mode: str, **rollout: object) -> object:
+        return engine_options(Config.model_validate({"mode": mode, "rollout": {"cpus_per_worker": 1.0, **rollout}}))[
+            "threads"]
+
+    assert threads("sync") == "node"  # the learner idles while the engine rolls out: all the cores
+    assert threads("async") == 1  # the learner learns beside it: only the CPUs Ray gives the worker
+    assert threads("async", cpus_per_worker=3.0) == 3 and threads("async", cpus_per_worker=0.5) == 1
+    assert threads("sync", engine_threads=1) == 1 and threads("async", engine_threads=2) == 2  # explicit wins
+    with pytest.raises(ValueError, match="engine_threads"):
+        Config.model_validate({"rollout": {"engine_threads": 0}})
 
 
 def test_a_checkpoint_of_an_older_fingerprint_resumes_when_its_config_matches(tmp_path: Path) -> None:

@@ -61,7 +61,7 @@ def test_config_built_straight_from_the_run_config() -> None:
 
 
 def test_learner_threads_take_the_node_in_sync_mode_and_the_ray_cpus_in_async_mode() -> None:
-    from learner.learner import node_threads
+    from actors.device import node_cores
     from reciprocity.config import Config
     from reciprocity.train import learner_config as from_run_config
 
@@ -76,7 +76,7 @@ def test_learner_threads_take_the_node_in_sync_mode_and_the_ray_cpus_in_async_mo
     with pytest.raises(ValueError, match="threads"):
         Config.model_validate({"learner": {"threads": 0}})
     cores = len(os.sched_getaffinity(0))
-    assert node_threads(1) == cores and node_threads(2) == max(1, cores // 2) and node_threads(10**6) == 1
+    assert node_cores(1) == cores and node_cores(2) == max(1, cores // 2) and node_cores(10**6) == 1
 
 
 def test_a_cpu_rank_fixes_the_mmap_threshold_and_large_blocks_then_leave_the_heap() -> None:

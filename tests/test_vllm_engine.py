@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import struct
 from collections import Counter
 from pathlib import Path
@@ -113,10 +114,16 @@ def shared_engine(tiny_model_dir: Path, loop: LoopThread, tmp_path_factory: pyte
         kv_cache_gib=1,
         gpu_memory_utilization=0.1,
         adapter_root=tmp_path_factory.mktemp("served"),
+        threads=ENGINE_THREADS,
     )
+    omp_before = os.environ.get("OMP_NUM_THREADS")
     loop.run(eng.start())
+    assert os.environ.get("OMP_NUM_THREADS") == omp_before  # only the engine process was given the count
     yield eng
     eng.shutdown()
+
+
+ENGINE_THREADS = 2  # more than vLLM's own choice for its engine process (1): the count must reach it
 
 
 @pytest.fixture()
@@ -249,6 +256,13 @@ def test_checks_raise_only_adapter_error(adapters: dict[str, Path], tiny_model_d
 
 # ----------------------------------------------------------------------------- engine
 @pytest.mark.slow
+def test_the_engine_process_computes_on_the_threads_it_was_given(engine: Any) -> None:
+    """`threads` reaches vLLM's engine process (read back from its torch): without it vLLM serves on
+    one thread, and a rollout worker in sync mode would leave the learner's idle cores unused."""
+    assert engine.torch_threads == ENGINE_THREADS
+    assert engine.metrics()["torch_threads"] == ENGINE_THREADS
+
+
 def test_base_model_and_unknown_adapter(engine: Any, loop: LoopThread) -> None:
     before = engine.served[None]
     g = loop.run(engine.generate(PROMPT, GREEDY, None))
