@@ -116,6 +116,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     config = {
         "model": str(args.model),
         "engine": {"max_loras": 2, "max_lora_rank": 8, "max_model_len": 4096, "max_num_seqs": 256,
+                   "threads": args.threads or "node",  # as a sync-mode training run's engine
                    **({"engine_kwargs": json.loads(args.engine_kwargs)} if args.engine_kwargs else {})},
         "concurrency": args.games,
     }
@@ -150,7 +151,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             "raw_seconds": round(raw_seconds, 2),
             "generated_tokens": [int(worker_tokens), int(raw_tokens)],
             "engine_kwargs": json.loads(args.engine_kwargs or "{}"),
-            "vllm_cpu_num_of_reserved_cpu": os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "default"),
+            "engine_torch_threads": worker.engine.engine.torch_threads,
         }
     finally:
         worker.engine.engine.shutdown()
@@ -162,6 +163,7 @@ if __name__ == "__main__":
     parser.add_argument("--games", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0, help="engine threads (0: the machine's cores)")
     parser.add_argument("--engine-kwargs", default="", help='extra vLLM engine args as JSON: {"block_size": 32}')
     result = asyncio.run(main(parser.parse_args()))
     print(json.dumps(result))
