@@ -155,6 +155,21 @@ def test_engine_boots_once_before_the_first_version_exists(model_dir: Path) -> N
     assert len(ENGINE_STARTS) == 1 and ENGINE_STARTS[0] == str(model_dir)
 
 
+def test_engine_threads_node_are_the_cores_shared_among_the_runs_engines(model_dir: Path) -> None:
+    """The driver cannot know a worker's node: `threads: "node"` is resolved by the worker itself,
+    this node's cores over the engines a run packs on it; an explicit count passes through."""
+    from actors.device import node_cores
+    from actors.worker import default_engine
+
+    def threads(engine: dict[str, Any], **config: Any) -> Any:
+        return default_engine({"model": str(model_dir), "engine": engine, **config}).threads
+
+    assert threads({"threads": "node"}) == node_cores(1)
+    assert threads({"threads": "node"}, engines_per_node=2) == node_cores(2)
+    assert threads({"threads": 3}, engines_per_node=2) == 3
+    assert threads({}) is None  # not given: the engine process keeps the environment's count
+
+
 def test_sampling_spec_reaches_the_engine(worker: RolloutWorker) -> None:
     a = PlayerSpec("llm", "a", 1, adapter="a@v1")
     specs = ipd_specs(a, a, 1, 1, options={"n_rounds": 2}, sampling=SamplingSpec(0.7, 0.9, 4, free_samples=1))
