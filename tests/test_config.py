@@ -85,6 +85,7 @@ def test_fingerprint_ignores_bookkeeping_only() -> None:
     # so is activation checkpointing (memory and speed; the same gradients)
     assert a.fingerprint() == Config(learner={"gradient_checkpointing": False}).fingerprint()
     assert a.fingerprint() == Config(rollout={"engine_threads": 1}).fingerprint()  # speed only
+    assert a.fingerprint() == Config(rollout={"probe_tolerance": 0.5}).fingerprint()  # a check, not a setting
     assert a.fingerprint() != Config(learner={"lr": 0.5}).fingerprint()
     assert a.fingerprint() == Config(runs_dir="/elsewhere/runs").fingerprint()  # where, not what
 
