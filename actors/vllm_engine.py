@@ -51,6 +51,10 @@ ALLOWED_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # either side runs in bf16 (the base model alone shows the same), ~1e-5 when both run in fp32; a
 # few times the bf16 level catches an adapter that is not applied, mis-scaled or for other weights.
 DEFAULT_PROBE_TOLERANCE = 0.2
+# KV-cache block size on CPU: the smallest vLLM's CPU attention accepts (a multiple of 32). The prefix
+# cache reuses whole blocks, so a decision recomputes up to block_size - 1 tokens of its chat; vLLM's
+# CPU default, 128, made a smoke rollout recompute 69k of 306k prompt tokens (sysdesign/engine.md)
+CPU_BLOCK_SIZE = 32
 _ZERO_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -109,6 +113,7 @@ class VLLMEngine:
         zero_base_adapter: bool | None = None,
         engine_kwargs: dict[str, Any] | None = None,
         threads: int | None = None,
+        block_size: int | None = None,
     ) -> None:
         """`model`: a HF model directory (the served base model). `dtype`: "auto" = bfloat16, except
         float32 on a CPU without native bf16 matmuls (AVX2 only: bf16 there is ~8x slower).
@@ -119,7 +124,9 @@ class VLLMEngine:
         faster. `zero_base_adapter`: serve `adapter=None` through an all-zero LoRA, the other way
         around that bug (None = only on CPU without the fix). `threads`: the engine process's torch
         (OpenMP) threads, given to it as OMP_NUM_THREADS at its start; None leaves the variable as this
-        process has it (under Ray: the actor's CPUs; vLLM then serves on that many threads, else 1)."""
+        process has it (under Ray: the actor's CPUs; vLLM then serves on that many threads, else 1).
+        `block_size`: the KV-cache block in tokens, the prefix cache's unit; None = CPU_BLOCK_SIZE on
+        CPU, vLLM's default elsewhere."""
         if max_lora_rank not in ALLOWED_LORA_RANKS:
             raise ValueError(f"max_lora_rank {max_lora_rank} is not one of {ALLOWED_LORA_RANKS}")
         self.model = Path(model).resolve()
@@ -147,6 +154,7 @@ class VLLMEngine:
             kv_cache_memory_bytes=int(kv_cache_gib * 2**30) if kv_cache_gib else None,
             logprobs_mode="processed_logprobs",
             disable_log_stats=True,
+            **({} if block_size is None else {"block_size": block_size}),
             **(engine_kwargs or {}),
         )
         if threads is not None and threads < 1:
@@ -157,6 +165,7 @@ class VLLMEngine:
         self._cpu_lora_fix = cpu_lora_fix
         self.cpu_lora_fixed = False
         self.dtype: str | None = None  # resolved by start()
+        self.block_size: int | None = None  # resolved by start(); None: vLLM's default
         self._llm: Any = None
         self._ids = itertools.count(1)  # lora_int_id: monotonic, never reused
         self._served: dict[str | None, _Served] = {}
@@ -188,6 +197,8 @@ class VLLMEngine:
         if args["dtype"] == "auto":
             args["dtype"] = "float32" if cpu and not cpu_has_bf16() else "bfloat16"
         self.dtype = args["dtype"]
+        if cpu and "block_size" not in args:
+            args["block_size"] = CPU_BLOCK_SIZE
         if cpu and self._cpu_lora_fix:
             args["worker_extension_cls"] = f"{__name__}.{CPULoRAFix.__name__}"
         if cpu and "enable_chunked_prefill" not in args:
@@ -205,6 +216,7 @@ class VLLMEngine:
                                       "OMP_NUM_THREADS": None if self.threads is None else str(self.threads)}):
             self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, AsyncEngineArgs(**args))
         self._served[None] = _Served(None, None, None)
+        self.block_size = self._llm.vllm_config.cache_config.block_size  # what the engine runs with
         if cpu and self._cpu_lora_fix:
             self.cpu_lora_fixed = all(await self._llm.collective_rpc("reciprocity_fix_cpu_lora"))
             self.torch_threads = min(await self._llm.collective_rpc("reciprocity_torch_threads"))
@@ -457,6 +469,7 @@ class VLLMEngine:
             "served": {str(k): v for k, v in self.served.items()},
             "loaded": self.loaded(),
             "torch_threads": self.torch_threads,
+            "block_size": self.block_size,
         }
 
 

@@ -84,6 +84,10 @@ class Rollout(Section):
     # workers (the learner idles while the engine rolls out: Ray's logical CPUs are oversubscribed on
     # purpose, as for learner.threads); in async mode max(1, int(cpus_per_worker)). sysdesign/engine.md
     engine_threads: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+    # an engine's KV-cache block, in tokens: the prefix cache's unit. auto: 32 on CPU (the smallest
+    # vLLM's CPU attention takes; 1.56x the rollout tokens/s of vLLM's 128 there), vLLM's default on
+    # GPU. Speed only (and the rounding of recomputed prefixes): not fingerprinted. sysdesign/engine.md
+    block_size: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
 
     @model_validator(mode="after")
     def _groups_divide(self) -> Rollout:
@@ -178,13 +182,14 @@ class Config(Section):
     def fingerprint(self) -> str:
         """What a checkpoint must match to be resumed: everything but bookkeeping fields. `runs_dir`
         is where the run lives, not what it is (a run resumes from another working directory);
-        learner.threads and rollout.engine_threads only set speed (and the float rounding of a matmul's
-        reduction, as another machine would); learner.gradient_checkpointing and learner.mmap_threshold
-        only memory and speed; rollout.probe_tolerance is a safety check on what is served."""
+        learner.threads, rollout.engine_threads and rollout.block_size only set speed (and the float
+        rounding of a matmul's reduction, as another machine would); learner.gradient_checkpointing
+        and learner.mmap_threshold only memory and speed; rollout.probe_tolerance is a safety
+        check on what is served."""
         speed_and_memory = {"threads", "gradient_checkpointing", "mmap_threshold"}
         d = self.model_dump(exclude={"iterations": True, "tracking": True, "checkpoint": True, "evaluation": True,
                                      "runs_dir": True, "learner": speed_and_memory,
-                                     "rollout": {"engine_threads", "probe_tolerance"}})
+                                     "rollout": {"engine_threads", "block_size", "probe_tolerance"}})
         if d["buffer"]["max_snapshots"] is None:  # the default: runs checkpointed before it existed resume
             del d["buffer"]["max_snapshots"]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

@@ -126,10 +126,11 @@ async def _call(worker: Any, method: str, *args: Any) -> Any:
 
 def engine_options(cfg: Config, **sizing: Any) -> dict[str, Any]:
     """VLLMEngine keyword arguments of a rollout worker from the config (context length, KV cache,
-    seed, threads) plus the caller's LoRA sizing (max_loras, max_lora_rank, ...): the one place
+    seed, threads, KV block size) plus the caller's LoRA sizing (max_loras, max_lora_rank, ...): the one place
     engines are sized."""
     return {"max_model_len": cfg.model.max_model_len, "kv_cache_gib": cfg.rollout.kv_cache_gib, "seed": cfg.seed,
-            "threads": engine_threads(cfg), **sizing}
+            "threads": engine_threads(cfg),
+            "block_size": None if cfg.rollout.block_size == "auto" else cfg.rollout.block_size, **sizing}
 
 
 def engine_threads(cfg: Config) -> int | str:

@@ -106,7 +106,10 @@ def engine_kwargs(config: ServeConfig, versions: dict[str, AdapterVersion]) -> d
         rank = lora_rank_for(int(v.config.get("r", 8)) for v in versions.values())
     except ValueError as e:
         raise ServeError(str(e)) from None
-    kwargs: dict[str, Any] = {"max_loras": max(1, min(len(versions), 4)), "max_lora_rank": rank}
+    # threads: the replica's CPUs (Ray gives its process OMP_NUM_THREADS=1 otherwise); replicas
+    # serve side by side, so each computes on its own share
+    kwargs: dict[str, Any] = {"max_loras": max(1, min(len(versions), 4)), "max_lora_rank": rank,
+                              "threads": max(1, int(config.num_cpus))}
     return {**kwargs, **config.engine}
 
 

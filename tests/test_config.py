@@ -85,6 +85,7 @@ def test_fingerprint_ignores_bookkeeping_only() -> None:
     # so is activation checkpointing (memory and speed; the same gradients)
     assert a.fingerprint() == Config(learner={"gradient_checkpointing": False}).fingerprint()
     assert a.fingerprint() == Config(rollout={"engine_threads": 1}).fingerprint()  # speed only
+    assert a.fingerprint() == Config(rollout={"block_size": 128}).fingerprint()  # speed only
     assert a.fingerprint() == Config(rollout={"probe_tolerance": 0.5}).fingerprint()  # a check, not a setting
     assert a.fingerprint() != Config(learner={"lr": 0.5}).fingerprint()
     assert a.fingerprint() == Config(runs_dir="/elsewhere/runs").fingerprint()  # where, not what
@@ -103,6 +104,15 @@ def test_engine_threads_take_the_node_in_sync_mode_and_the_ray_cpus_in_async_mod
     assert threads("sync", engine_threads=1) == 1 and threads("async", engine_threads=2) == 2  # explicit wins
     with pytest.raises(ValueError, match="engine_threads"):
         Config.model_validate({"rollout": {"engine_threads": 0}})
+
+
+def test_block_size_auto_leaves_the_choice_to_the_engine_and_a_number_reaches_it() -> None:
+    from reciprocity.evaluate import engine_options
+
+    assert engine_options(Config())["block_size"] is None  # the engine picks: 32 on CPU, vLLM's own on GPU
+    assert engine_options(Config(rollout={"block_size": 128}))["block_size"] == 128
+    with pytest.raises(ValueError, match="block_size"):
+        Config.model_validate({"rollout": {"block_size": 0}})
 
 
 def test_a_checkpoint_of_an_older_fingerprint_resumes_when_its_config_matches(tmp_path: Path) -> None:

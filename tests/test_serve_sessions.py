@@ -125,6 +125,11 @@ def test_adapter_names_and_ranks(tmp_path: Path) -> None:
 
     config = ServeConfig("m")
     assert engine_kwargs(config, {})["max_lora_rank"] == 8
-    assert engine_kwargs(config, {"a": V(4), "b": V(12)}) == {"max_loras": 2, "max_lora_rank": 16}  # type: ignore[dict-item]
+    assert engine_kwargs(config, {"a": V(4), "b": V(12)}) == {"max_loras": 2, "max_lora_rank": 16,  # type: ignore[dict-item]
+                                                              "threads": 1}
+    # a replica's engine computes on the CPUs Ray gives it (Ray's OMP_NUM_THREADS=1 otherwise)
+    assert engine_kwargs(ServeConfig("m", num_cpus=3.0), {})["threads"] == 3
+    assert engine_kwargs(ServeConfig("m", num_cpus=0.5), {})["threads"] == 1
+    assert engine_kwargs(ServeConfig("m", engine={"threads": 2}), {})["threads"] == 2  # explicit wins
     with pytest.raises(ServeError):
         engine_kwargs(config, {"a": V(1024)})  # type: ignore[dict-item]

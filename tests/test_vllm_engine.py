@@ -263,6 +263,16 @@ def test_the_engine_process_computes_on_the_threads_it_was_given(engine: Any) ->
     assert engine.metrics()["torch_threads"] == ENGINE_THREADS
 
 
+@pytest.mark.slow
+def test_the_engine_caches_prefixes_in_small_blocks_on_cpu(engine: Any) -> None:
+    """On CPU the engine runs with CPU_BLOCK_SIZE-token KV blocks (read back from vLLM's own config),
+    not vLLM's CPU default of 128: a decision then recomputes at most 31 tokens of its chat."""
+    from actors.vllm_engine import CPU_BLOCK_SIZE
+
+    assert engine.block_size == CPU_BLOCK_SIZE == 32
+    assert engine.metrics()["block_size"] == CPU_BLOCK_SIZE
+
+
 def test_base_model_and_unknown_adapter(engine: Any, loop: LoopThread) -> None:
     before = engine.served[None]
     g = loop.run(engine.generate(PROMPT, GREEDY, None))
