@@ -10,6 +10,8 @@ Run it on the commit before the change and on the change, then compare the two d
     python benchmarks/invariant_dump.py runs/invariant/after    # on the change
     cmp runs/invariant/before/dump.json runs/invariant/after/dump.json
 
+Config overrides after the directory (`key.sub=value ...`) compare two settings on one commit.
+
 About 5 minutes on 2 idle cores. Issue 14's data-path change and actor groups were checked this way.
 Not a benchmark (`make bench` runs `bench_*.py` only).
 """
@@ -26,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SKIP = ("seconds/", "rollout/tokens_per_s", "rollout/worker_seconds", "system/", "recovery/")
 
 
-def main(out: Path) -> None:
+def main(out: Path, extra: list[str]) -> None:
     sys.path.insert(0, str(ROOT / "tests"))
     import torch
     from mlflow.tracking import MlflowClient
@@ -42,7 +44,7 @@ def main(out: Path) -> None:
         build_tiny(ROOT / "models/smollm2-135m-instruct", tiny)
     overrides = [*tiny_overrides(tiny, out, "ref"), "iterations=3", "checkpoint.every=1", "checkpoint.keep=4",
                  "rollout.workers=2", "buffer.resident_max=1", "rollout.cpus_per_worker=0.5",
-                 "learner.cpus_per_rank=0.5"]
+                 "learner.cpus_per_rank=0.5", *extra]
     if not (out / "runs/ref/checkpoints/it-000003").exists():
         with (out / "train.log").open("w") as f:
             rc = subprocess.run([sys.executable, "-m", "reciprocity", "train", "--config", "configs/smoke.yaml",
@@ -78,4 +80,4 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/invariant/dump"))
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/invariant/dump"), sys.argv[2:])
