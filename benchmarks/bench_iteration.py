@@ -17,8 +17,8 @@ Prints one JSON object (last line). Per layout:
     python benchmarks/bench_iteration.py [--iterations 3] [--compare] [key.sub=value ...]
 
 `--compare` runs the previous layout (`learner.threads=1 rollout.engine_threads=1
-rollout.block_size=128`: one thread per phase, vLLM's CPU block size) and the new default back to
-back on the same machine and adds
+rollout.block_size=128 learner.gradient_checkpointing=true`: one thread per phase, vLLM's CPU block
+size, every layer checkpointed) and the new default back to back on the same machine and adds
 `seconds_iteration_new_over_previous_ratio`.
 """
 
@@ -39,8 +39,10 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 CORES = len(os.sched_getaffinity(0))
-# before issue 15: one thread per phase, and vLLM's CPU default of 128-token KV blocks
-PREVIOUS_LAYOUT = ["learner.threads=1", "rollout.engine_threads=1", "rollout.block_size=128"]
+# the defaults before session 10: one thread per phase, vLLM's CPU default of 128-token KV blocks,
+# activation checkpointing in every learner layer
+PREVIOUS_LAYOUT = ["learner.threads=1", "rollout.engine_threads=1", "rollout.block_size=128",
+                   "learner.gradient_checkpointing=true"]
 
 
 def machine_busy() -> tuple[float, float]:

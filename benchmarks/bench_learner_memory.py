@@ -9,8 +9,9 @@ Each setting runs in a fresh child process (peak RSS is a per-process high-water
 `Learner` (DeepSpeed, PEFT, configs/smoke.yaml's learner settings: SmolLM2, LoRA r 8, AA credit,
 entropy 0.01, 4096-token micro-batches), `--games` IPD-like games of 2..10 rounds with both seats
 trainable (bench_learner's batch: more rows than the smoke run's one trained seat, so an upper
-bound), one warm-up step and `--steps` timed steps. A setting is activation checkpointing on/off
-times the micro-batch token budget times glibc's mmap threshold (`learner.mmap_threshold`).
+bound), one warm-up step and `--steps` timed steps. A setting is the share of layers checkpointed
+(`learner.gradient_checkpointing`: 0 none, 0.5 half, 1 all) times the micro-batch token budget
+times glibc's mmap threshold (`learner.mmap_threshold`).
 
 Per setting: peak RSS of the child (getrusage ru_maxrss), learner tokens/s (median step), and the
 steps' loss and gradient norm, so that one can see the settings compute the same update (they
@@ -33,9 +34,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-SETTINGS = [  # (gradient_checkpointing, micro_batch_tokens, mmap threshold: 0 = glibc's sliding default)
-    (False, 4096, 0), (True, 4096, 0), (True, 4096, 131072), (True, 4096, 4 << 20), (False, 4096, 131072),
-    (True, 2048, 0), (True, 8192, 0),
+SETTINGS = [  # (share of layers checkpointed, micro_batch_tokens, mmap threshold: 0 = glibc's sliding default)
+    (0.0, 4096, 0), (1.0, 4096, 0), (1.0, 4096, 131072), (1.0, 4096, 4 << 20), (0.0, 4096, 131072),
+    (0.5, 4096, 131072), (1.0, 2048, 0), (1.0, 8192, 0),
 ]
 
 
@@ -53,7 +54,7 @@ def child(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     cfg = load_config(ROOT / "configs" / "smoke.yaml")
     lc = dataclasses.replace(learner_config(cfg), model_dir=str(MODEL), num_threads=args.threads,
-                             gradient_checkpointing=args.checkpointing, micro_batch_tokens=args.micro_batch_tokens,
+                             gradient_checkpointing=args.share, micro_batch_tokens=args.micro_batch_tokens,
                              mmap_threshold=args.mmap_threshold or None)
     tok = AutoTokenizer.from_pretrained(str(MODEL))
     table = make_table(tok, args.games)
@@ -78,7 +79,8 @@ def child(args: argparse.Namespace) -> dict:
         return {"speed_ab_step_s": {str(k): v for k, v in ab.items()},
                 "fixed_over_sliding_step_s": statistics.median(ab[128 << 10]) / statistics.median(ab[32 << 20])}
     return {
-        "gradient_checkpointing": args.checkpointing,
+        "gradient_checkpointing": args.share,
+        "checkpointed_layers": getattr(learner, "checkpointed_layers", 0),
         "micro_batch_tokens": args.micro_batch_tokens,
         "mmap_threshold": args.mmap_threshold,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -97,9 +99,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--micro-batch-tokens", type=int, default=4096, help=argparse.SUPPRESS)
     ap.add_argument("--mmap-threshold", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--share", type=float, default=1.0, help=argparse.SUPPRESS)  # of layers checkpointed
     ap.add_argument("--speed-ab", action="store_true",
                     help="one process: alternate steps with a 32 MB and a 128 KiB mmap threshold, print their times")
     args = ap.parse_args()
@@ -115,10 +117,10 @@ def main() -> None:
         return
 
     runs = []
-    for ckpt, mbt, mmap in SETTINGS:
+    for share, mbt, mmap in SETTINGS:
         cmd = [sys.executable, __file__, "--child", "--games", str(args.games), "--steps", str(args.steps),
-               "--threads", str(args.threads), "--micro-batch-tokens", str(mbt), "--mmap-threshold", str(mmap)]
-        cmd += ["--checkpointing"] if ckpt else []
+               "--threads", str(args.threads), "--micro-batch-tokens", str(mbt), "--mmap-threshold", str(mmap),
+               "--share", str(share)]
         out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
         runs.append(json.loads(out.strip().splitlines()[-1]))
         print(json.dumps({k: runs[-1][k] for k in ("gradient_checkpointing", "micro_batch_tokens", "mmap_threshold",

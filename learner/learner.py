@@ -81,7 +81,9 @@ class LearnerConfig:
     dtype: str  # auto | bfloat16 (bf16) | float32 (fp32): auto = bf16 where the device computes it natively
     micro_batch_tokens: int  # padded tokens (rows x longest row) per forward/backward
     guided_logprob: str  # constrained | full: see learner.batch.build_iteration
-    gradient_checkpointing: bool
+    # share of the decoder layers that recompute their activations in the backward pass (0: none,
+    # 1: all; `checkpoint_layers`)
+    gradient_checkpointing: float
     credit_method: str
     discount: float
     reward_normaliser: float
@@ -220,8 +222,10 @@ class Learner:
         self.pad_id = int(pad if pad is not None else self.tokenizer.eos_token_id)
         model = AutoModelForCausalLM.from_pretrained(cfg.model_dir, dtype=dtype, attn_implementation="sdpa")
         model.config.use_cache = False
+        self.checkpointed_layers = 0
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.checkpointed_layers = checkpoint_layers(model, cfg.gradient_checkpointing)
         torch.manual_seed(cfg.seed)  # same LoRA init on every rank
         lora = LoraConfig(
             r=cfg.lora_r,
@@ -474,6 +478,22 @@ class Learner:
             raise FileNotFoundError(f"no learner checkpoint at {path}")
         self.version = int(client["version"])
         return self.version
+
+
+def checkpoint_layers(model: torch.nn.Module, share: float) -> int:
+    """Keep activation checkpointing (recompute in the backward pass) on for `share` of the model's
+    decoder layers, spread evenly (layer i of n when floor((i + 1) * share) > floor(i * share)), and
+    turn it off for the rest, which keep their activations. Returns how many layers recompute.
+    Checkpointing changes what is kept, never a number (sysdesign/benchmarks.md): each layer saved
+    costs memory proportional to the micro-batch's tokens and buys back its share of one forward."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    recomputed = 0
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = math.floor((i + 1) * share) > math.floor(i * share)
+        recomputed += layer.gradient_checkpointing
+    return recomputed
 
 
 def set_mmap_threshold(nbytes: int) -> bool:

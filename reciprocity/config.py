@@ -118,10 +118,12 @@ class Learner(Section):
     # log-prob of a guided token: under the grammar-constrained distribution the engine sampled from
     # (constrained) or under the full vocabulary (full, as in the authors' code); learner.md
     guided_logprob: Literal["constrained", "full"] = "constrained"
-    # recompute each layer's activations in the backward pass: less memory for more learner compute,
-    # the same gradients. auto: on where the rank has no GPU (a CPU learner's peak RSS at the smoke
-    # config drops from 7.8 to 4.2 GB; sysdesign/benchmarks.md), off on GPU
-    gradient_checkpointing: bool | Literal["auto"] = "auto"
+    # activation checkpointing: recompute a layer's activations in the backward pass, less memory for
+    # more learner compute, the same gradients. true: every decoder layer; a number in (0, 1]: that
+    # share of the layers, spread evenly; false: none. auto: half the layers where the rank has no GPU
+    # (train.CPU_CHECKPOINT_SHARE), none on GPU. A CPU rank at 4096-token micro-batches peaks at 6.0 /
+    # 3.9 / 1.7 GB with none / half / all, at 240 / 202 / 167 tokens/s (sysdesign/benchmarks.md)
+    gradient_checkpointing: Literal["auto"] | bool | Annotated[float, Field(gt=0, le=1)] = "auto"
     # glibc's mmap threshold of a rank, in bytes, fixed (learner.set_mmap_threshold): large blocks are
     # mapped and given back whole instead of fragmenting the heap. auto: CPU_MMAP_THRESHOLD where the
     # rank has no GPU, glibc's sliding default on GPU; 0: glibc's default. Memory only, no number

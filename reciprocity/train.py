@@ -150,11 +150,24 @@ def learner_config(cfg: Config) -> LearnerConfig:
         aa_beta=method.beta, aa_gamma=method.gamma, entropy_coef=method.entropy_coef, kl_coef=method.kl_coef,
         lr=learner.lr, grad_clip=learner.grad_clip, zero_stage=learner.zero_stage, dtype=learner.dtype,
         micro_batch_tokens=learner.micro_batch_tokens, guided_logprob=learner.guided_logprob,
-        gradient_checkpointing=(learner.gpus_per_rank == 0 if learner.gradient_checkpointing == "auto"
-                                else learner.gradient_checkpointing),
+        gradient_checkpointing=checkpoint_share(cfg),
         num_threads=learner_threads(cfg),
         mmap_threshold=learner_mmap_threshold(cfg),
     )
+
+
+# share of a CPU rank's decoder layers that recompute their activations: at the smoke config's
+# 4096-token micro-batches the learner peaks at 3.9 GB (of the issue's 4) at 1.21x the tokens/s of
+# checkpointing every layer; sysdesign/benchmarks.md
+CPU_CHECKPOINT_SHARE = 0.5
+
+
+def checkpoint_share(cfg: Config) -> float:
+    """The share of decoder layers a rank checkpoints: 0 none, 1 all (learner.gradient_checkpointing)."""
+    share = cfg.learner.gradient_checkpointing
+    if share == "auto":
+        return CPU_CHECKPOINT_SHARE if cfg.learner.gpus_per_rank == 0 else 0.0
+    return float(share)
 
 
 CPU_MMAP_THRESHOLD = 128 * 1024  # glibc's initial threshold, fixed: sysdesign/benchmarks.md

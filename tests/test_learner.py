@@ -47,11 +47,16 @@ def test_config_built_straight_from_the_run_config() -> None:
         "/m", 16, 32.0, "sum", 2, "bf16")
     assert cfg.credit.normaliser == 7.0 and cfg.entropy_coef == 0.01 and cfg.seed == 3
     assert (cfg.lr, cfg.micro_batch_tokens, cfg.guided_logprob, cfg.name) == (1e-4, 4096, "full", "learner")
-    assert cfg.gradient_checkpointing
-    # auto: on for a CPU rank (memory), off for a GPU rank
-    assert from_run_config(Config()).gradient_checkpointing
-    assert not from_run_config(Config(learner={"gpus_per_rank": 1})).gradient_checkpointing
-    assert not from_run_config(Config(learner={"gradient_checkpointing": False})).gradient_checkpointing
+    assert cfg.gradient_checkpointing == 1.0  # true: every layer
+    # auto: half the layers for a CPU rank (memory), none for a GPU rank
+    assert from_run_config(Config()).gradient_checkpointing == 0.5
+    assert from_run_config(Config(learner={"gpus_per_rank": 1})).gradient_checkpointing == 0.0
+    assert from_run_config(Config(learner={"gradient_checkpointing": False})).gradient_checkpointing == 0.0
+    assert from_run_config(Config(learner={"gradient_checkpointing": 0.25})).gradient_checkpointing == 0.25
+    assert from_run_config(Config(learner={"gradient_checkpointing": 0})).gradient_checkpointing == 0.0  # 0: none
+    for bad in (-0.5, 1.5, "half"):
+        with pytest.raises(ValueError, match="gradient_checkpointing"):
+            Config.model_validate({"learner": {"gradient_checkpointing": bad}})
     default = from_run_config(Config())  # every default comes from the run config
     assert (default.lora_r, default.lr, default.zero_stage, default.reward_normaliser) == (
         Config().lora.r, Config().learner.lr, Config().learner.zero_stage, Config().method.reward_normaliser)
@@ -118,6 +123,42 @@ print(int(fixed), libc.mallinfo2().hblkhd - before)
                                 cwd=root).stdout.split() for mode in ("fixed", "default")}
     assert out["fixed"][0] == "1" and int(out["fixed"][1]) >= 1 << 20  # mapped on its own
     assert int(out["default"][1]) == 0  # from the heap
+
+
+def test_a_share_of_the_layers_recomputes_its_activations_and_the_gradients_stay_the_same() -> None:
+    """`checkpoint_layers`: the chosen layers (spread evenly) run their forward again in the backward
+    pass, the others do not, and every gradient is bitwise the same whatever the share."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from learner.learner import checkpoint_layers
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    ids = torch.randint(0, 64, (2, 12))
+    state = LlamaForCausalLM(config).state_dict()
+
+    def run(share: float) -> tuple[int, list[int], list[torch.Tensor]]:
+        model = LlamaForCausalLM(config)
+        model.load_state_dict(state)
+        model.train()
+        recomputed = 0
+        if share:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            recomputed = checkpoint_layers(model, share)
+        calls = [0] * len(model.model.layers)
+        for i, layer in enumerate(model.model.layers):
+            layer.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+        model(input_ids=ids, labels=ids).loss.backward()
+        return recomputed, calls, [p.grad.clone() for p in model.parameters()]
+
+    none, half, quarter, every = run(0.0), run(0.5), run(0.25), run(1.0)
+    assert none[:2] == (0, [1, 1, 1, 1])
+    assert half[:2] == (2, [1, 2, 1, 2])  # layers 1 and 3 run again in the backward pass
+    assert quarter[:2] == (1, [1, 1, 1, 2])
+    assert every[:2] == (4, [2, 2, 2, 2])
+    for other in (half, quarter, every):
+        assert all(torch.equal(a, b) for a, b in zip(none[2], other[2], strict=True))
 
 
 def _lora_state(learner: Learner) -> dict[str, torch.Tensor]:
