@@ -9,7 +9,8 @@ Usage: python benchmarks/bench_learner.py [--games 8] [--steps 2] [--threads N] 
   -> micro-batches -> constraint masks -> forward/backward -> one DeepSpeed AdamW step), ZeRO-1, 1 rank.
 - bare_tok_s: the same micro-batches through a minimal loop in the same process: PEFT model,
   decoder -> hidden at target positions -> lm_head -> log-softmax -> -(C * logp).sum() / N_tok,
-  backward, clip_grad_norm_, torch AdamW step. No DeepSpeed, no grammar masks, no statistics.
+  backward, clip_grad_norm_, torch AdamW step. No DeepSpeed, no grammar masks, no statistics. Both
+  checkpoint the same share of layers (`learner.gradient_checkpointing`, the CPU default: half).
   Steps alternate learner/bare after one warm-up each; medians are reported.
 - FLOPs of one step (real tokens T, targets n, decoder linear weights N_body, LoRA weights N_lora,
   vocab V, hidden H; the frozen base needs activation gradients only):
@@ -96,14 +97,19 @@ def matmul_peak(dtype, n: int, reps: int) -> float:
 class BareLoop:
     """The minimal torch + peft training step on the learner's micro-batches."""
 
-    def __init__(self, model_dir: Path, dtype, r: int, alpha: int, lr: float) -> None:
+    def __init__(self, model_dir: Path, dtype, r: int, alpha: int, lr: float, checkpoint_share: float) -> None:
         import torch
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
 
+        from learner.learner import checkpoint_layers
+
         torch.manual_seed(0)
         base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
         base.config.use_cache = False
+        if checkpoint_share:  # the learner's memory setting: what is compared is everything else
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            checkpoint_layers(base, checkpoint_share)
         self.model = get_peft_model(base, LoraConfig(r=r, lora_alpha=alpha, target_modules="all-linear",
                                                      lora_dropout=0.0)).train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -175,7 +181,7 @@ def run() -> dict:
                               entropy_coef=0.01, num_threads=args.threads)
     learner = Learner(cfg)
     learner.setup()
-    bare = BareLoop(MODEL, dtype, args.lora_r, 2 * args.lora_r, 1e-5)
+    bare = BareLoop(MODEL, dtype, args.lora_r, 2 * args.lora_r, 1e-5, cfg.gradient_checkpointing)
     it = build_iteration(table, cfg.credit, max_tokens=cfg.micro_batch_tokens,
                          overhead_tokens=cfg.micro_batch_overhead_tokens, constrainer=learner.constrainer,
                          pad_id=learner.pad_id)
@@ -213,6 +219,7 @@ def run() -> dict:
         "peak_bf16_tflop_s": peak_bf16 / 1e12,
         "dtype": str(dtype).removeprefix("torch."),
         "threads": args.threads,
+        "gradient_checkpointing": cfg.gradient_checkpointing,
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "model": MODEL.name,
         "rows": it.n_rows,
