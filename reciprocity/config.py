@@ -69,7 +69,7 @@ class Rollout(Section):
     # none: every game its own group, i.e. no baseline (the ablation "AA without the group baseline")
     baseline: Literal["batch", "seed_group", "none"] = "batch"
     concurrency: int = Field(64, ge=1)
-    temperature: float = Field(1.0, gt=0)
+    temperature: float = Field(1.0, gt=0, le=2)  # vLLM refuses a temperature above 2 at the first request
     max_tokens: int = Field(0, ge=0)  # 0: the game's own hint per decision
     free_samples: int = Field(0, ge=0)  # 0: always guided (right for SmolLM2)
     # what makes a free sample valid: lenient (the game's parser finds an action) or full (the whole

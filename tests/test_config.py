@@ -106,6 +106,12 @@ def test_engine_threads_take_the_node_in_sync_mode_and_the_ray_cpus_in_async_mod
         Config.model_validate({"rollout": {"engine_threads": 0}})
 
 
+def test_a_temperature_vllm_would_refuse_is_refused_with_its_key() -> None:
+    with pytest.raises(ValueError, match="temperature"):
+        Config.model_validate({"rollout": {"temperature": 3.0}})
+    assert Config.model_validate({"rollout": {"temperature": 2.0}}).rollout.temperature == 2.0
+
+
 def test_block_size_auto_leaves_the_choice_to_the_engine_and_a_number_reaches_it() -> None:
     from reciprocity.evaluate import engine_options
 
