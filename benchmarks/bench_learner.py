@@ -107,9 +107,7 @@ class BareLoop:
         torch.manual_seed(0)
         base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
         base.config.use_cache = False
-        if checkpoint_share:  # the learner's memory setting: what is compared is everything else
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            checkpoint_layers(base, checkpoint_share)
+        checkpoint_layers(base, checkpoint_share)  # the learner's memory setting: what is compared is the rest
         self.model = get_peft_model(base, LoraConfig(r=r, lora_alpha=alpha, target_modules="all-linear",
                                                      lora_dropout=0.0)).train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]

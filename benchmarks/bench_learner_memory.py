@@ -80,7 +80,7 @@ def child(args: argparse.Namespace) -> dict:
                 "fixed_over_sliding_step_s": statistics.median(ab[128 << 10]) / statistics.median(ab[32 << 20])}
     return {
         "gradient_checkpointing": args.share,
-        "checkpointed_layers": getattr(learner, "checkpointed_layers", 0),
+        "checkpointed_layers": learner.checkpointed_layers,
         "micro_batch_tokens": args.micro_batch_tokens,
         "mmap_threshold": args.mmap_threshold,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,

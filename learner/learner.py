@@ -222,10 +222,7 @@ class Learner:
         self.pad_id = int(pad if pad is not None else self.tokenizer.eos_token_id)
         model = AutoModelForCausalLM.from_pretrained(cfg.model_dir, dtype=dtype, attn_implementation="sdpa")
         model.config.use_cache = False
-        self.checkpointed_layers = 0
-        if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            self.checkpointed_layers = checkpoint_layers(model, cfg.gradient_checkpointing)
+        self.checkpointed_layers = checkpoint_layers(model, cfg.gradient_checkpointing)
         torch.manual_seed(cfg.seed)  # same LoRA init on every rank
         lora = LoraConfig(
             r=cfg.lora_r,
@@ -485,9 +482,13 @@ def checkpoint_layers(model: torch.nn.Module, share: float) -> int:
     decoder layers, spread evenly (layer i of n when floor((i + 1) * share) > floor(i * share)), and
     turn it off for the rest, which keep their activations. Returns how many layers recompute.
     Checkpointing changes what is kept, never a number (sysdesign/benchmarks.md): each layer saved
-    costs memory proportional to the micro-batch's tokens and buys back its share of one forward."""
+    costs memory proportional to the micro-batch's tokens and buys back its share of one forward.
+    A share of 0 leaves the model as it is."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
+    if not share:
+        return 0
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     recomputed = 0
     for i, layer in enumerate(layers):

@@ -142,10 +142,7 @@ def test_a_share_of_the_layers_recomputes_its_activations_and_the_gradients_stay
         model = LlamaForCausalLM(config)
         model.load_state_dict(state)
         model.train()
-        recomputed = 0
-        if share:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            recomputed = checkpoint_layers(model, share)
+        recomputed = checkpoint_layers(model, share)
         calls = [0] * len(model.model.layers)
         for i, layer in enumerate(model.model.layers):
             layer.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
