@@ -8,10 +8,12 @@ Prints one JSON object (last line). Per layout:
   workers, the vLLM engine processes, the learner) over wall seconds x cores, per phase and over
   whole iterations; `machine_util_*` the same from /proc/stat for every process on the machine.
 - `engine_flops_over_peak`: the engine's achieved FLOP/s in the rollout phase over the measured
-  bf16 matmul peak at the engine's threads (`engine_torch_threads`, read back from the engine
-  process: `rollout.engine_threads`). FLOPs = 2 x parameters x (prefill tokens actually
-  computed + decode tokens), the token counts from the engine's own statistics (prompt tokens minus
-  prefix-cache hits); attention left out, so it is a lower bound.
+  matmul peak in the engine's dtype at the engine's threads (`engine_torch_threads`, read back from
+  the engine process: `rollout.engine_threads`; `engine_peaks`: best of 5, before any run). FLOPs =
+  2 x (decoder-layer linear parameters x (prefill tokens actually computed + decode tokens) +
+  lm_head parameters x decode tokens: vLLM computes logits only where it samples), the token counts
+  from the engine's own statistics (prompt tokens minus prefix-cache hits); attention and the LoRA
+  products left out, so it is a lower bound.
 - `learner_peak_rss_gb`: the learner rank's peak resident memory, sampled every 0.2 s.
 
     python benchmarks/bench_iteration.py [--iterations 3] [--single] [key.sub=value ...]
@@ -118,27 +120,74 @@ def recorder(meter: TreeMeter) -> Any:
     return Recorder()
 
 
-def engine_peak(threads: int = 1) -> float:
-    """Measured bf16 matmul FLOP/s at the engine's thread count (the engine computes in bf16)."""
+def engine_peaks() -> dict[int, float]:
+    """Measured matmul FLOP/s in the engine's dtype (bf16 where the CPU computes it natively, else
+    fp32: `cpu_has_bf16`, the engine's own rule), for 1 thread and for every core: the best of 5
+    timings of 8 products of 2048-square matrices each, taken before any run so that nothing else
+    computes. A peak timed once, briefly, after a run's processes had begun to exit came out
+    anywhere in 0.55-0.97 TFLOP/s on the same CPU, and a low peak inflates the ratio."""
     import torch
     from bench_learner import matmul_peak  # the one matmul timing of the benchmarks
 
+    from actors.device import cpu_has_bf16
+
+    dtype = torch.bfloat16 if cpu_has_bf16() else torch.float32
     before = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    peaks = {}
     try:
-        return matmul_peak(torch.bfloat16, 1024, 4)
+        for threads in sorted({1, CORES}):
+            torch.set_num_threads(threads)
+            peaks[threads] = max(matmul_peak(dtype, 2048, 8) for _ in range(5))
     finally:
         torch.set_num_threads(before)
+    return peaks
 
 
-def model_params(path: Path) -> int:
+def linear_throughput(path: Path, threads: int, tokens: tuple[int, ...] = (8, 32, 128, 512)) -> dict[str, float]:
+    """TFLOP/s of one decoder layer's four projections (qkv, o, gate_up, down: the model's shapes, in
+    the engine's dtype) at `tokens` rows per product: what an engine step of that many tokens can
+    reach in its matmuls, the roofline to read `engine_flops_over_peak` against (best of 5)."""
+    import torch
+    import torch.nn.functional as F
+
+    from actors.device import cpu_has_bf16
+
+    cfg = json.loads((path / "config.json").read_text())
+    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    kv = h // cfg["num_attention_heads"] * cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+    dtype = torch.bfloat16 if cpu_has_bf16() else torch.float32
+    shapes = [(h, h + 2 * kv), (h, h), (h, 2 * inter), (inter, h)]
+    weights = [torch.randn(o, i, dtype=dtype) for i, o in shapes]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    out = {}
+    try:
+        for m in tokens:
+            xs = [torch.randn(m, i, dtype=dtype) for i, _ in shapes]
+            reps = max(3, 4096 // m)
+            best = 0.0
+            for _ in range(5):
+                t = time.perf_counter()
+                for _ in range(reps):
+                    for x, w in zip(xs, weights, strict=True):
+                        F.linear(x, w)
+                best = max(best, 2 * m * sum(i * o for i, o in shapes) * reps / (time.perf_counter() - t))
+            out[str(m)] = best / 1e12
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
+def model_params(path: Path) -> tuple[int, int]:
+    """(parameters of the decoder layers' linear maps, parameters of the lm_head)."""
     cfg = json.loads((path / "config.json").read_text())
     h, layers, inter, vocab = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"], cfg["vocab_size"]
     kv = h // cfg["num_attention_heads"] * cfg.get("num_key_value_heads", cfg["num_attention_heads"])
-    return layers * (2 * h * h + 2 * h * kv + 3 * h * inter) + vocab * h  # linear layers + lm_head
+    return layers * (2 * h * h + 2 * h * kv + 3 * h * inter), vocab * h
 
 
-def measure(iterations: int, overrides: list[str]) -> dict[str, Any]:
+def measure(iterations: int, overrides: list[str], peaks: dict[int, float],
+            linear: dict[int, dict[str, float]]) -> dict[str, Any]:
     from reciprocity.config import load_config
     from reciprocity.train import Trainer
 
@@ -205,12 +254,14 @@ def measure(iterations: int, overrides: list[str]) -> dict[str, Any]:
     rollout_s = sum(h.get("seconds/rollout", 0.0) for h in history)
     threads = min((e.get("torch_threads") or 1 for e in engines), default=1)
     if prompt:
-        flops = 2 * model_params(Path(cfg.model.path)) * (prompt - cached + decoded)
-        peak = engine_peak(threads)
+        layers, head = model_params(Path(cfg.model.path))
+        flops = 2 * (layers * (prompt - cached + decoded) + head * decoded)  # logits only where sampled
+        peak = peaks.get(threads) or max(peaks.values())
         out.update({"engine_prompt_tokens": prompt, "engine_cached_prompt_tokens": cached,
                     "engine_decode_tokens": decoded, "engine_tflop_s": flops / rollout_s / 1e12,
-                    "engine_torch_threads": threads, "engine_peak_bf16_tflop_s": peak / 1e12,
-                    "engine_flops_over_peak": flops / rollout_s / peak})
+                    "engine_torch_threads": threads, "engine_peak_tflop_s": peak / 1e12,
+                    "engine_flops_over_peak": flops / rollout_s / peak,
+                    "engine_linear_tflop_s_at_tokens_per_step": linear.get(threads)})
     out["wall_seconds_total"] = wall
     return out
 
@@ -224,15 +275,21 @@ def main() -> None:
     layouts.add_argument("--single", action="store_true", help="only the default layout with the overrides")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
-    out: dict[str, Any] = {"name": "iteration", "config": "configs/smoke.yaml"}
+    from reciprocity.config import load_config
+
+    peaks = engine_peaks()  # before any run: an idle machine
+    model = Path(load_config(ROOT / "configs/smoke.yaml", list(args.overrides)).model.path)
+    linear = {t: linear_throughput(model, t) for t in peaks}
+    out: dict[str, Any] = {"name": "iteration", "config": "configs/smoke.yaml",
+                           "matmul_peak_tflop_s": {str(t): p / 1e12 for t, p in peaks.items()}}
     if not args.single:
-        previous = measure(args.iterations, [*PREVIOUS_LAYOUT, *args.overrides])
-        new = measure(args.iterations, list(args.overrides))
+        previous = measure(args.iterations, [*PREVIOUS_LAYOUT, *args.overrides], peaks, linear)
+        new = measure(args.iterations, list(args.overrides), peaks, linear)
         ratio = {f"seconds_{k}_new_over_previous_ratio": new[f"seconds_{k}"] / previous[f"seconds_{k}"]
                  for k in ("iteration", "learn")}
         out.update({"previous": previous, "new": new, **ratio})
     else:
-        out.update(measure(args.iterations, list(args.overrides)))
+        out.update(measure(args.iterations, list(args.overrides), peaks, linear))
     print(json.dumps(out))
 
 
