@@ -29,12 +29,14 @@ the default layout with the overrides (e.g. `mode=async`). `--compare` names the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import tempfile
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -120,48 +122,63 @@ def recorder(meter: TreeMeter) -> Any:
     return Recorder()
 
 
+def engine_dtype() -> Any:
+    """The engine's dtype on this CPU: bf16 where it is computed natively, else fp32 (`cpu_has_bf16`,
+    the engine's own rule)."""
+    import torch
+
+    from actors.device import cpu_has_bf16
+
+    return torch.bfloat16 if cpu_has_bf16() else torch.float32
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def engine_peaks() -> dict[int, float]:
-    """Measured matmul FLOP/s in the engine's dtype (bf16 where the CPU computes it natively, else
-    fp32: `cpu_has_bf16`, the engine's own rule), for 1 thread and for every core: the best of 5
+    """Measured matmul FLOP/s in the engine's dtype, for 1 thread and for every core: the best of 5
     timings of 8 products of 2048-square matrices each, taken before any run so that nothing else
     computes. A peak timed once, briefly, after a run's processes had begun to exit came out
     anywhere in 0.55-0.97 TFLOP/s on the same CPU, and a low peak inflates the ratio."""
-    import torch
     from bench_learner import matmul_peak  # the one matmul timing of the benchmarks
 
-    from actors.device import cpu_has_bf16
-
-    dtype = torch.bfloat16 if cpu_has_bf16() else torch.float32
-    before = torch.get_num_threads()
     peaks = {}
-    try:
-        for threads in sorted({1, CORES}):
-            torch.set_num_threads(threads)
-            peaks[threads] = max(matmul_peak(dtype, 2048, 8) for _ in range(5))
-    finally:
-        torch.set_num_threads(before)
+    for threads in sorted({1, CORES}):
+        with torch_threads(threads):
+            peaks[threads] = max(matmul_peak(engine_dtype(), 2048, 8) for _ in range(5))
     return peaks
 
 
-def linear_throughput(path: Path, threads: int, tokens: tuple[int, ...] = (8, 32, 128, 512)) -> dict[str, float]:
-    """TFLOP/s of one decoder layer's four projections (qkv, o, gate_up, down: the model's shapes, in
-    the engine's dtype) at `tokens` rows per product: what an engine step of that many tokens can
-    reach in its matmuls, the roofline to read `engine_flops_over_peak` against (best of 5)."""
-    import torch
-    import torch.nn.functional as F
-
-    from actors.device import cpu_has_bf16
-
+def model_shapes(path: Path) -> tuple[list[tuple[int, int]], int, int]:
+    """(one decoder layer's linear maps as (in, out): qkv, o, gate_up, down; layers; lm_head
+    parameters), from the model's config.json."""
     cfg = json.loads((path / "config.json").read_text())
     h, inter = cfg["hidden_size"], cfg["intermediate_size"]
     kv = h // cfg["num_attention_heads"] * cfg.get("num_key_value_heads", cfg["num_attention_heads"])
-    dtype = torch.bfloat16 if cpu_has_bf16() else torch.float32
-    shapes = [(h, h + 2 * kv), (h, h), (h, 2 * inter), (inter, h)]
+    return [(h, h + 2 * kv), (h, h), (h, 2 * inter), (inter, h)], cfg["num_hidden_layers"], cfg["vocab_size"] * h
+
+
+def linear_throughput(path: Path, threads: int, tokens: tuple[int, ...] = (8, 32, 128, 512)) -> dict[str, float]:
+    """TFLOP/s of one decoder layer's four projections (the model's shapes, in the engine's dtype) at
+    `tokens` rows per product: what an engine step of that many tokens can reach in its matmuls, the
+    roofline to read `engine_flops_over_peak` against (best of 5)."""
+    import torch
+    import torch.nn.functional as F
+
+    dtype = engine_dtype()
+    shapes = model_shapes(path)[0]
     weights = [torch.randn(o, i, dtype=dtype) for i, o in shapes]
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
     out = {}
-    try:
+    with torch_threads(threads):
         for m in tokens:
             xs = [torch.randn(m, i, dtype=dtype) for i, _ in shapes]
             reps = max(3, 4096 // m)
@@ -173,17 +190,13 @@ def linear_throughput(path: Path, threads: int, tokens: tuple[int, ...] = (8, 32
                         F.linear(x, w)
                 best = max(best, 2 * m * sum(i * o for i, o in shapes) * reps / (time.perf_counter() - t))
             out[str(m)] = best / 1e12
-    finally:
-        torch.set_num_threads(before)
     return out
 
 
 def model_params(path: Path) -> tuple[int, int]:
     """(parameters of the decoder layers' linear maps, parameters of the lm_head)."""
-    cfg = json.loads((path / "config.json").read_text())
-    h, layers, inter, vocab = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"], cfg["vocab_size"]
-    kv = h // cfg["num_attention_heads"] * cfg.get("num_key_value_heads", cfg["num_attention_heads"])
-    return layers * (2 * h * h + 2 * h * kv + 3 * h * inter), vocab * h
+    shapes, layers, head = model_shapes(path)
+    return layers * sum(i * o for i, o in shapes), head
 
 
 def measure(iterations: int, overrides: list[str], peaks: dict[int, float],
