@@ -49,7 +49,7 @@ def child(args: argparse.Namespace) -> dict:
 
     from learner.learner import Learner, set_mmap_threshold
     from reciprocity.config import load_config
-    from reciprocity.train import learner_config
+    from reciprocity.learner_settings import learner_config
 
     torch.set_num_threads(args.threads)
     cfg = load_config(ROOT / "configs" / "smoke.yaml")

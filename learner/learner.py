@@ -67,7 +67,7 @@ LOSS_PARTS = ("loss", "loss_pg", "loss_entropy", "loss_kl")  # already divided b
 @dataclass
 class LearnerConfig:
     """What one learner rank needs. The fields a run config sets have no default here: the driver
-    builds this straight from the run config (`reciprocity.train.learner_config`), whose defaults are
+    builds this straight from the run config (`reciprocity.learner_settings.learner_config`), whose defaults are
     the only ones; the rest are fixed choices of this learner."""
 
     model_dir: str  # the served base model (HF directory)

@@ -121,7 +121,7 @@ class Learner(Section):
     # activation checkpointing: recompute a layer's activations in the backward pass, less memory for
     # more learner compute, the same gradients. true: every decoder layer; a number in (0, 1]: that
     # share of the layers, spread evenly; false: none. auto: half the layers where the rank has no GPU
-    # (train.CPU_CHECKPOINT_SHARE), none on GPU. A CPU rank at 4096-token micro-batches peaks at 6.0 /
+    # (learner_settings.CPU_CHECKPOINT_SHARE), none on GPU. A CPU rank at 4096-token micro-batches peaks at 6.0 /
     # 3.9 / 1.7 GB with none / half / all, at 240 / 202 / 167 tokens/s (sysdesign/benchmarks.md)
     gradient_checkpointing: Literal["auto"] | bool | Annotated[float, Field(gt=0, le=1)] = "auto"
     # glibc's mmap threshold of a rank, in bytes, fixed (learner.set_mmap_threshold): large blocks are

@@ -260,12 +260,12 @@ def stop_cluster(temp_dir: str, grace_s: float = 15.0) -> list[Any]:
 
 # ------------------------------------------------------------------------------- learner
 def learner_config(model_dir: Path | str, **overrides: Any) -> Any:
-    """A LearnerConfig as the driver builds it (reciprocity.train.learner_config) from a default run
+    """A LearnerConfig as the driver builds it (reciprocity.learner_settings.learner_config) from a default run
     config, for `model_dir`, with `overrides` (fields of LearnerConfig)."""
     import dataclasses
 
     from reciprocity.config import Config
-    from reciprocity.train import learner_config as from_run_config
+    from reciprocity.learner_settings import learner_config as from_run_config
 
     return dataclasses.replace(from_run_config(Config()), model_dir=str(model_dir), **overrides)
 

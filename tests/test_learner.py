@@ -34,7 +34,7 @@ def test_config_rejects_unknown_and_invalid_keys() -> None:
 
 def test_config_built_straight_from_the_run_config() -> None:
     from reciprocity.config import Config
-    from reciprocity.train import learner_config as from_run_config
+    from reciprocity.learner_settings import learner_config as from_run_config
 
     run = Config.model_validate({
         "model": {"path": "/m"}, "seed": 3, "lora": {"r": 16, "alpha": 32.0},
@@ -68,7 +68,7 @@ def test_config_built_straight_from_the_run_config() -> None:
 def test_learner_threads_take_the_node_in_sync_mode_and_the_ray_cpus_in_async_mode() -> None:
     from actors.device import node_cores
     from reciprocity.config import Config
-    from reciprocity.train import learner_config as from_run_config
+    from reciprocity.learner_settings import learner_config as from_run_config
 
     def threads(mode: str, **learner: object) -> object:
         run = Config.model_validate({"mode": mode, "learner": {"cpus_per_rank": 1.0, **learner}})
@@ -94,8 +94,8 @@ def test_a_cpu_rank_fixes_the_mmap_threshold_and_large_blocks_then_leave_the_hea
     from pathlib import Path
 
     from reciprocity.config import Config
-    from reciprocity.train import CPU_MMAP_THRESHOLD
-    from reciprocity.train import learner_config as from_run_config
+    from reciprocity.learner_settings import CPU_MMAP_THRESHOLD
+    from reciprocity.learner_settings import learner_config as from_run_config
 
     def threshold(**learner: object) -> object:
         return from_run_config(Config.model_validate({"learner": learner})).mmap_threshold
