@@ -1,6 +1,15 @@
 """Learner throughput on SmolLM2-135M: the DeepSpeed Learner over a bare torch+peft loop, and MFU.
 
 Usage: python benchmarks/bench_learner.py [--games 8] [--steps 2] [--threads N] [--dtype auto]
+                                          [--model-dir DIR] [--config configs/ipd_aa.yaml]
+
+- Learner: by default the smoke-like CPU setting below (ZeRO-1, lr 1e-5, AA, 4096-token
+  micro-batches); with --config, exactly the learner that config's run builds
+  (`reciprocity.learner_settings.learner_config`: ZeRO stage, dtype, micro-batch tokens, LoRA,
+  checkpointing), its model path replaced by --model-dir.
+- Device: the learner's (CUDA where torch sees a GPU, else CPU); the bare loop and the matmul peak
+  run there too, timed with the device synchronised. On CUDA the learner's peak allocated memory
+  after its warm-up step is reported (before the bare loop's model is loaded).
 
 - Batch: IPD-like games with the real tokenizer: a ~130-token rules prompt, then per round a guided
   `<A>`/`<B>` + eos (4 generated tokens) and the next user turn; 2..10 rounds per game, so rows are
@@ -11,7 +20,8 @@ Usage: python benchmarks/bench_learner.py [--games 8] [--steps 2] [--threads N] 
   decoder -> hidden at target positions -> lm_head -> log-softmax -> -(C * logp).sum() / N_tok,
   backward, clip_grad_norm_, torch AdamW step. No DeepSpeed, no grammar masks, no statistics. Both
   checkpoint the same share of layers (`learner.gradient_checkpointing`, the CPU default: half).
-  Steps alternate learner/bare after one warm-up each; medians are reported.
+  On CPU, steps alternate learner/bare after one warm-up each; on CUDA the learner's steps run
+  first and its model is freed before the bare loop's is loaded; medians are reported.
 - FLOPs of one step (real tokens T, targets n, decoder linear weights N_body, LoRA weights N_lora,
   vocab V, hidden H; the frozen base needs activation gradients only):
       forward  = 2*N_body*T + 2*N_lora*T + 2*V*H*n
@@ -83,21 +93,33 @@ def make_table(tok, n_games: int, seed: int = 0):
     return pa.Table.from_batches([to_batch(rows)])
 
 
-def matmul_peak(dtype, n: int, reps: int) -> float:
+def synchronize(device) -> None:
     import torch
 
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(dtype, n: int, reps: int, device=None) -> float:
+    import torch
+
+    device = device or torch.device("cpu")
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    for _ in range(3 if device.type == "cuda" else 1):
+        a @ b
+    synchronize(device)
     t = time.perf_counter()
     for _ in range(reps):
         a @ b
+    synchronize(device)
     return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
 class BareLoop:
     """The minimal torch + peft training step on the learner's micro-batches."""
 
-    def __init__(self, model_dir: Path, dtype, r: int, alpha: int, lr: float, checkpoint_share: float) -> None:
+    def __init__(self, model_dir: Path, dtype, r: int, alpha: int, lr: float, checkpoint_share: float,
+                 device=None) -> None:
         import torch
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
@@ -110,6 +132,8 @@ class BareLoop:
         checkpoint_layers(base, checkpoint_share)  # the learner's memory setting: what is compared is the rest
         self.model = get_peft_model(base, LoraConfig(r=r, lora_alpha=alpha, target_modules="all-linear",
                                                      lora_dropout=0.0)).train()
+        self.device = device or torch.device("cpu")
+        self.model.to(self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=lr)
 
@@ -118,6 +142,7 @@ class BareLoop:
 
         core = self.model.get_base_model()
         for mb in it.micro_batches:
+            mb = mb.to(self.device)
             hidden = core.get_decoder()(input_ids=mb.input_ids, attention_mask=mb.attention_mask).last_hidden_state
             h = hidden.reshape(-1, hidden.shape[-1])[mb.logit_pos]
             logp = torch.log_softmax(core.get_output_embeddings()(h).float(), -1)
@@ -126,6 +151,7 @@ class BareLoop:
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        synchronize(self.device)
 
 
 def step_flops(it, n_body: int, n_lora: int, vocab: int, hidden: int) -> float:
@@ -147,14 +173,15 @@ def main() -> None:
 
 def run() -> dict:
     import dataclasses
+    import gc
 
     import torch
     from transformers import AutoTokenizer
 
     from learner.batch import build_iteration
-    from learner.learner import Learner, resolve_dtype
-    from reciprocity.config import Config
-    from reciprocity.train import learner_config
+    from learner.learner import Learner
+    from reciprocity.config import Config, load_config
+    from reciprocity.learner_settings import learner_config
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--games", type=int, default=8)
@@ -163,54 +190,94 @@ def run() -> dict:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--micro-batch-tokens", type=int, default=4096)
     ap.add_argument("--lora-r", type=int, default=32)
+    ap.add_argument("--model-dir", type=Path, default=MODEL)
+    ap.add_argument("--config", type=Path, default=None, help="a run config whose learner is measured")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override in --config")
+    ap.add_argument("--no-bare", action="store_true", help="the learner alone (no bare-loop comparison)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    model_dir = args.model_dir.absolute()
 
-    dtype = resolve_dtype(args.dtype)
-    peak_fp32 = matmul_peak(torch.float32, 2048, 3)
-    peak_bf16 = matmul_peak(torch.bfloat16, 2048 if dtype == torch.bfloat16 else 512, 2)
-    peak = peak_bf16 if dtype == torch.bfloat16 else peak_fp32
-
-    tok = AutoTokenizer.from_pretrained(str(MODEL))
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
     table = make_table(tok, args.games)
-    cfg = dataclasses.replace(learner_config(Config()), model_dir=str(MODEL), lora_r=args.lora_r,
-                              lora_alpha=2 * args.lora_r, lr=1e-5, zero_stage=1, dtype=args.dtype,
-                              micro_batch_tokens=args.micro_batch_tokens, credit_method="aa", reward_normaliser=5.0,
-                              entropy_coef=0.01, num_threads=args.threads)
+    if args.config is None:
+        cfg = dataclasses.replace(learner_config(Config()), model_dir=str(model_dir), lora_r=args.lora_r,
+                                  lora_alpha=2 * args.lora_r, lr=1e-5, zero_stage=1, dtype=args.dtype,
+                                  micro_batch_tokens=args.micro_batch_tokens, credit_method="aa",
+                                  reward_normaliser=5.0, entropy_coef=0.01, num_threads=args.threads)
+    else:
+        cfg = dataclasses.replace(learner_config(load_config(args.config, [*args.set, f"model.path={model_dir}"])),
+                                  num_threads=args.threads)
     learner = Learner(cfg)
     learner.setup()
-    bare = BareLoop(MODEL, dtype, args.lora_r, 2 * args.lora_r, 1e-5, cfg.gradient_checkpointing)
+    device, dtype = learner.device, learner.dtype
+    cuda = device.type == "cuda"
+    peak_fp32 = matmul_peak(torch.float32, 8192 if cuda else 2048, 10 if cuda else 3, device)
+    peak_bf16 = matmul_peak(torch.bfloat16, 8192 if cuda else 2048 if dtype == torch.bfloat16 else 512,
+                            10 if cuda else 2, device)
+    peak = peak_bf16 if dtype == torch.bfloat16 else peak_fp32
+    learner.train_step([table])  # warm-up (allocator, first-call paths, kernels)
+    learner_peak_gb = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
     it = build_iteration(table, cfg.credit, max_tokens=cfg.micro_batch_tokens,
                          overhead_tokens=cfg.micro_batch_overhead_tokens, constrainer=learner.constrainer,
                          pad_id=learner.pad_id)
-
-    learner.train_step([table])  # warm-up (allocator, first-call paths)
-    bare.step(it)
-    t_learner, t_bare, phases = [], [], []
-    for _ in range(args.steps):
-        t = time.perf_counter()
-        m = learner.train_step([table])
-        t_learner.append(time.perf_counter() - t)
-        phases.append(m)
-        t = time.perf_counter()
-        bare.step(it)
-        t_bare.append(time.perf_counter() - t)
-
     core = learner.model.get_base_model()
     n_body = sum(p.numel() for n, p in core.get_decoder().named_parameters()
                  if n.endswith("proj.base_layer.weight") or (n.endswith("proj.weight") and "lora" not in n))
     n_lora = sum(p.numel() for n, p in learner.model.named_parameters() if "lora_" in n)
     vocab, hidden = core.config.vocab_size, core.config.hidden_size
     flops = step_flops(it, n_body, n_lora, vocab, hidden)
+
+    t_learner, t_bare, phases = [], [], []
+
+    def learner_step() -> None:
+        t = time.perf_counter()
+        phases.append(learner.train_step([table]))  # its metrics are host floats: the device has finished
+        t_learner.append(time.perf_counter() - t)
+
+    def bare_step() -> None:
+        t = time.perf_counter()
+        bare.step(it)
+        t_bare.append(time.perf_counter() - t)
+
+    bare_peak_gb, bare_error = None, None
+    if cuda:  # one model on the device at a time: a 7B model's activations leave no room for two
+        for _ in range(args.steps):
+            learner_step()
+        del learner, core
+        gc.collect()
+        torch.cuda.empty_cache()
+        if not args.no_bare:
+            try:  # the learner's figures are kept if the bare loop (fp32 adapters: more memory) does not fit
+                bare = BareLoop(model_dir, dtype, cfg.lora_r, cfg.lora_alpha, cfg.lr, cfg.gradient_checkpointing,
+                                device)
+                torch.cuda.reset_peak_memory_stats(device)
+                bare.step(it)
+                bare_peak_gb = torch.cuda.max_memory_allocated(device) / 2**30
+                for _ in range(args.steps):
+                    bare_step()
+            except torch.OutOfMemoryError as e:
+                bare_error, t_bare = f"out of memory: {str(e).splitlines()[0]}", []
+    else:  # alternating steps: the CPU's clock and neighbours drift alike for both
+        if not args.no_bare:
+            bare = BareLoop(model_dir, dtype, cfg.lora_r, cfg.lora_alpha, cfg.lr, cfg.gradient_checkpointing,
+                            device)
+            bare.step(it)
+        for _ in range(args.steps):
+            learner_step()
+            if not args.no_bare:
+                bare_step()
+
     tokens = it.real_tokens
-    s_learner, s_bare = statistics.median(t_learner), statistics.median(t_bare)
+    s_learner = statistics.median(t_learner)
+    s_bare = statistics.median(t_bare) if t_bare else None
     result = {
         "name": "learner",
         "learner_tok_s": tokens / s_learner,
-        "bare_tok_s": tokens / s_bare,
-        "learner_over_bare_ratio": s_bare / s_learner,
+        "bare_tok_s": tokens / s_bare if s_bare else None,
+        "learner_over_bare_ratio": s_bare / s_learner if s_bare else None,
         "mfu_ratio": flops / s_learner / peak,
-        "bare_mfu_ratio": flops / s_bare / peak,
+        "bare_mfu_ratio": flops / s_bare / peak if s_bare else None,
         "achieved_tflop_s": flops / s_learner / 1e12,
         "peak_tflop_s": peak / 1e12,
         "peak_fp32_tflop_s": peak_fp32 / 1e12,
@@ -218,8 +285,16 @@ def run() -> dict:
         "dtype": str(dtype).removeprefix("torch."),
         "threads": args.threads,
         "gradient_checkpointing": cfg.gradient_checkpointing,
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "model": MODEL.name,
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "learner_cuda_peak_allocated_gb": learner_peak_gb,
+        "bare_cuda_peak_allocated_gb": bare_peak_gb,
+        "bare_error": bare_error,
+        "config": str(args.config) if args.config else None,
+        "overrides": args.set,
+        "zero_stage": cfg.zero_stage,
+        "micro_batch_tokens": cfg.micro_batch_tokens,
+        "lora_r": cfg.lora_r,
+        "model": model_dir.name,
         "rows": it.n_rows,
         "tokens_per_step": tokens,
         "generated_tokens_per_step": it.n_tok,
