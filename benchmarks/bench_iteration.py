@@ -151,10 +151,10 @@ def engine_peaks() -> dict[int, float]:
     anywhere in 0.55-0.97 TFLOP/s on the same CPU, and a low peak inflates the ratio."""
     from bench_learner import matmul_peak  # the one matmul timing of the benchmarks
 
-    peaks = {}
+    dtype, peaks = engine_dtype(), {}
     for threads in sorted({1, CORES}):
         with torch_threads(threads):
-            peaks[threads] = max(matmul_peak(engine_dtype(), 2048, 8) for _ in range(5))
+            peaks[threads] = max(matmul_peak(dtype, 2048, 8) for _ in range(5))
     return peaks
 
 

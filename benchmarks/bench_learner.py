@@ -195,6 +195,8 @@ def run() -> dict:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override in --config")
     ap.add_argument("--no-bare", action="store_true", help="the learner alone (no bare-loop comparison)")
     args = ap.parse_args()
+    if args.set and args.config is None:
+        ap.error("--set overrides a key of --config: name the config")
     torch.set_num_threads(args.threads)
     model_dir = args.model_dir.absolute()
 
@@ -235,6 +237,9 @@ def run() -> dict:
         phases.append(learner.train_step([table]))  # its metrics are host floats: the device has finished
         t_learner.append(time.perf_counter() - t)
 
+    def new_bare() -> BareLoop:
+        return BareLoop(model_dir, dtype, cfg.lora_r, cfg.lora_alpha, cfg.lr, cfg.gradient_checkpointing, device)
+
     def bare_step() -> None:
         t = time.perf_counter()
         bare.step(it)
@@ -249,8 +254,7 @@ def run() -> dict:
         torch.cuda.empty_cache()
         if not args.no_bare:
             try:  # the learner's figures are kept if the bare loop (fp32 adapters: more memory) does not fit
-                bare = BareLoop(model_dir, dtype, cfg.lora_r, cfg.lora_alpha, cfg.lr, cfg.gradient_checkpointing,
-                                device)
+                bare = new_bare()
                 torch.cuda.reset_peak_memory_stats(device)
                 bare.step(it)
                 bare_peak_gb = torch.cuda.max_memory_allocated(device) / 2**30
@@ -260,8 +264,7 @@ def run() -> dict:
                 bare_error, t_bare = f"out of memory: {str(e).splitlines()[0]}", []
     else:  # alternating steps: the CPU's clock and neighbours drift alike for both
         if not args.no_bare:
-            bare = BareLoop(model_dir, dtype, cfg.lora_r, cfg.lora_alpha, cfg.lr, cfg.gradient_checkpointing,
-                            device)
+            bare = new_bare()
             bare.step(it)
         for _ in range(args.steps):
             learner_step()
