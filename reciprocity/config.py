@@ -88,6 +88,9 @@ class Rollout(Section):
     # vLLM's CPU attention takes; 1.56x the rollout tokens/s of vLLM's 128 there), vLLM's default on
     # GPU. Speed only (and the rounding of recomputed prefixes): not fingerprinted. sysdesign/engine.md
     block_size: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+    # the malloc of a worker and its engine process: jemalloc (Ray's copy, preloaded; actors/allocator.py)
+    # or glibc. auto: jemalloc where the worker has no GPU. Memory and speed only: not fingerprinted
+    allocator: Literal["auto", "glibc", "jemalloc"] = "auto"
 
     @model_validator(mode="after")
     def _groups_divide(self) -> Rollout:
@@ -120,15 +123,20 @@ class Learner(Section):
     guided_logprob: Literal["constrained", "full"] = "constrained"
     # activation checkpointing: recompute a layer's activations in the backward pass, less memory for
     # more learner compute, the same gradients. true: every decoder layer; a number in (0, 1]: that
-    # share of the layers, spread evenly; false: none. auto: half the layers where the rank has no GPU
-    # (learner_settings.CPU_CHECKPOINT_SHARE), none on GPU. A CPU rank at 4096-token micro-batches peaks at 6.0 /
-    # 3.9 / 1.7 GB with none / half / all, at 240 / 202 / 167 tokens/s (sysdesign/benchmarks.md)
+    # share of the layers, spread evenly; false: none. auto: every layer where the rank has no GPU
+    # (learner_settings.CPU_CHECKPOINT_SHARE), none on GPU. The smoke learner on jemalloc peaks at 4.0 /
+    # 2.9 / 1.8 GiB with half / three quarters / all, at 269 / 300 / 310 tokens/s (sysdesign/benchmarks.md)
     gradient_checkpointing: Literal["auto"] | bool | Annotated[float, Field(gt=0, le=1)] = "auto"
     # glibc's mmap threshold of a rank, in bytes, fixed (learner.set_mmap_threshold): large blocks are
     # mapped and given back whole instead of fragmenting the heap. auto: CPU_MMAP_THRESHOLD where the
     # rank has no GPU, glibc's sliding default on GPU; 0: glibc's default. Memory only, no number
     # changes (sysdesign/benchmarks.md)
     mmap_threshold: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
+    # the malloc of a rank: jemalloc (Ray's copy, preloaded, with purging off and the free pages given
+    # back after every step; actors/allocator.py) or glibc (with mmap_threshold). auto: jemalloc where
+    # the rank has no GPU. The smoke config's step: 12 s at 3.3 GiB against 34 s at 2.8 GiB with
+    # glibc on an EPYC (sysdesign/benchmarks.md). Memory and speed only: not fingerprinted
+    allocator: Literal["auto", "glibc", "jemalloc"] = "auto"
     # torch threads of a rank. auto: in sync mode the cores of the rank's node shared among the ranks
     # (rollout and learning never overlap, so the learner may use the engine's core too: Ray's logical
     # CPUs are oversubscribed on purpose); in async mode int(cpus_per_rank). sysdesign/learner.md
@@ -185,13 +193,13 @@ class Config(Section):
         """What a checkpoint must match to be resumed: everything but bookkeeping fields. `runs_dir`
         is where the run lives, not what it is (a run resumes from another working directory);
         learner.threads, rollout.engine_threads and rollout.block_size only set speed (and the float
-        rounding of a matmul's reduction, as another machine would); learner.gradient_checkpointing
-        and learner.mmap_threshold only memory and speed; rollout.probe_tolerance is a safety
-        check on what is served."""
-        speed_and_memory = {"threads", "gradient_checkpointing", "mmap_threshold"}
+        rounding of a matmul's reduction, as another machine would); learner.gradient_checkpointing,
+        learner.mmap_threshold and the allocators only memory and speed; rollout.probe_tolerance is
+        a safety check on what is served."""
+        speed_and_memory = {"threads", "gradient_checkpointing", "mmap_threshold", "allocator"}
         d = self.model_dump(exclude={"iterations": True, "tracking": True, "checkpoint": True, "evaluation": True,
                                      "runs_dir": True, "learner": speed_and_memory,
-                                     "rollout": {"engine_threads", "block_size", "probe_tolerance"}})
+                                     "rollout": {"engine_threads", "block_size", "probe_tolerance", "allocator"}})
         if d["buffer"]["max_snapshots"] is None:  # the default: runs checkpointed before it existed resume
             del d["buffer"]["max_snapshots"]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

@@ -15,6 +15,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from actors import allocator
 from reciprocity import quiet
 from reciprocity.config import Config
 
@@ -94,6 +95,7 @@ class Placement:
             "max_restarts": WORKER_MAX_RESTARTS,
             "max_task_retries": 0,  # a lost `run` is re-planned by the driver (game ids stay exact)
             "scheduling_strategy": PlacementGroupSchedulingStrategy(self.worker_pg, index),
+            **_malloc_options(allocator.resolve(cfg.rollout.allocator, cfg.rollout.gpus_per_worker)),
         }
 
     def learner_options(self, rank: int, cfg: Config) -> dict[str, Any]:
@@ -101,7 +103,15 @@ class Placement:
             "num_cpus": cfg.learner.cpus_per_rank,
             "num_gpus": cfg.learner.gpus_per_rank,
             "scheduling_strategy": PlacementGroupSchedulingStrategy(self.learner_pg, rank),
+            **_malloc_options(allocator.resolve(cfg.learner.allocator, cfg.learner.gpus_per_rank)),
         }
+
+
+def _malloc_options(malloc: allocator.Allocator) -> dict[str, Any]:
+    """An actor's options that start its process on `malloc` (its runtime_env's environment,
+    merged by Ray with the job's: PASSED_ENV and the log hook stay)."""
+    env = allocator.preload_env(malloc)
+    return {"runtime_env": {"env_vars": env}} if env else {}
 
 
 def place(cfg: Config) -> Placement:
@@ -117,7 +127,8 @@ class Located:
 
     def node(self) -> dict[str, str]:
         ctx = ray.get_runtime_context()
-        return {"ip": ray.util.get_node_ip_address(), "node_id": ctx.get_node_id(), "pid": str(os.getpid())}
+        return {"ip": ray.util.get_node_ip_address(), "node_id": ctx.get_node_id(), "pid": str(os.getpid()),
+                "allocator": allocator.loaded()}
 
 
 def actor_class(cls: type, **options: Any) -> Any:

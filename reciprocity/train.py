@@ -59,7 +59,7 @@ from rich.console import Console
 from rich.table import Table
 
 import envs
-from actors import trajectories
+from actors import allocator, trajectories
 from actors.adapters import AdapterRef, AdapterStore
 from actors.chat import ChatTemplate
 from actors.pool import OpponentPool
@@ -596,14 +596,21 @@ class Trainer:
                                            progress_group=launcher.PROGRESS_GROUP)
 
     def _report_placement(self) -> None:
+        cfg = self.cfg
         table = Table(title="placement")
-        for col in ("actor", "node ip", "node id", "pid"):
+        for col in ("actor", "node ip", "node id", "pid", "malloc"):
             table.add_column(col)
         self.nodes: dict[str, str] = {}
-        for name, where in [*((f"rollout worker {i}", w) for i, w in enumerate(self.workers.nodes())),
-                            *((f"learner rank {r}", a) for r, a in enumerate(self.learners.nodes()))]:
+        wanted = {"rollout worker": allocator.resolve(cfg.rollout.allocator, cfg.rollout.gpus_per_worker),
+                  "learner rank": allocator.resolve(cfg.learner.allocator, cfg.learner.gpus_per_rank)}
+        for role, i, where in [*(("rollout worker", i, w) for i, w in enumerate(self.workers.nodes())),
+                               *(("learner rank", r, a) for r, a in enumerate(self.learners.nodes()))]:
+            name = f"{role} {i}"
             self.nodes[name] = where["node_id"]
-            table.add_row(name, where["ip"], where["node_id"][:12], where["pid"])
+            table.add_row(name, where["ip"], where["node_id"][:12], where["pid"], where["allocator"])
+            if where["allocator"] != wanted[role]:  # e.g. Ray installed elsewhere on that node: LD_PRELOAD ignored
+                console.print(f"[yellow]warning:[/] {name} runs on {where['allocator']}, not the {wanted[role]} "
+                              "its config asks for (memory and speed only)")
         console.print(table)
 
     def close(self) -> None:

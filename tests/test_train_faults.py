@@ -108,6 +108,12 @@ def test_async_iterations_overlap_with_staleness_one(make_trainer) -> None:
     # version one behind the learner's, and never more
     assert [h["learner/staleness_max"] for h in history] == [0, 1, 1]
     assert all(h["games"] == 4 and h["rollout/replays"] == 0 for h in history)
+    # on CPU every actor runs on jemalloc (allocator: auto), the worker's engine processes too, and
+    # the learner gives its free pages back (time_release_s exists only there)
+    assert {n["allocator"] for n in [*trainer.workers.nodes(), *trainer.learners.nodes()]} == {"jemalloc"}
+    engines = psutil.Process(_pid(trainer.workers[0])).children(recursive=True)
+    assert engines and all("libjemalloc" in Path(f"/proc/{e.pid}/maps").read_text() for e in engines)
+    assert all(h["learner/time_release_s"] >= 0 for h in history)
 
 
 def test_learner_killed_restores_from_checkpoint_and_finishes(make_trainer) -> None:
