@@ -29,10 +29,12 @@ def learner_config(cfg: Config) -> LearnerConfig:
     )
 
 
-# share of a CPU rank's decoder layers that recompute their activations: at the smoke config's
-# 4096-token micro-batches the learner peaks at 3.9 GB (of the 4) at 1.21x the tokens/s of
-# checkpointing every layer; sysdesign/benchmarks.md
-CPU_CHECKPOINT_SHARE = 0.5
+# share of a CPU rank's decoder layers that recompute their activations: every layer. On jemalloc
+# (the CPU default) the smoke iteration's learner took 22.3 s at 1.8 GiB with every layer, 23.1 s at
+# 2.9 GiB with three quarters, 25.8 s at 4.0 GiB with half (session 16, EPYC without AMX): holding
+# activations costs more than recomputing them. On glibc half was 1.21x faster than all (session 10,
+# 3.9 GB); sysdesign/benchmarks.md
+CPU_CHECKPOINT_SHARE = 1.0
 
 
 def checkpoint_share(cfg: Config) -> float:

@@ -48,8 +48,8 @@ def test_config_built_straight_from_the_run_config() -> None:
     assert cfg.credit.normaliser == 7.0 and cfg.entropy_coef == 0.01 and cfg.seed == 3
     assert (cfg.lr, cfg.micro_batch_tokens, cfg.guided_logprob, cfg.name) == (1e-4, 4096, "full", "learner")
     assert cfg.gradient_checkpointing == 1.0  # true: every layer
-    # auto: half the layers for a CPU rank (memory), none for a GPU rank
-    assert from_run_config(Config()).gradient_checkpointing == 0.5
+    # auto: every layer for a CPU rank (memory, and on jemalloc speed too), none for a GPU rank
+    assert from_run_config(Config()).gradient_checkpointing == 1.0
     assert from_run_config(Config(learner={"gpus_per_rank": 1})).gradient_checkpointing == 0.0
     assert from_run_config(Config(learner={"gradient_checkpointing": False})).gradient_checkpointing == 0.0
     assert from_run_config(Config(learner={"gradient_checkpointing": 0.25})).gradient_checkpointing == 0.25
