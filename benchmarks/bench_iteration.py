@@ -18,9 +18,8 @@ Prints one JSON object (last line). Per layout:
 
     python benchmarks/bench_iteration.py [--iterations 3] [--single] [key.sub=value ...]
 
-By default (and so in `make bench`) it runs the previous layout (`learner.threads=1 rollout.engine_threads=1
-rollout.block_size=128 learner.gradient_checkpointing=true`: one thread per phase, vLLM's CPU block
-size, every layer checkpointed) and the new default back to back on the same machine and adds
+By default (and so in `make bench`) it runs the previous layout (`PREVIOUS_LAYOUT`: one thread per
+phase, vLLM's CPU block size, every layer checkpointed, glibc's malloc as it comes) and the new default back to back on the same machine and adds
 `seconds_iteration_new_over_previous_ratio` (issue 15's target: <= 0.6). `--single` measures only
 the default layout with the overrides (e.g. `mode=async`). `--compare` names the default
 (the commands in sysdesign/benchmarks.md use it); the two exclude each other.
@@ -45,10 +44,11 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 CORES = len(os.sched_getaffinity(0))
-# the defaults before session 10: one thread per phase, vLLM's CPU default of 128-token KV blocks,
-# activation checkpointing in every learner layer
+# the defaults before issue 15: one thread per phase, vLLM's CPU default of 128-token KV blocks,
+# activation checkpointing in every learner layer, glibc's malloc with its sliding mmap threshold
 PREVIOUS_LAYOUT = ["learner.threads=1", "rollout.engine_threads=1", "rollout.block_size=128",
-                   "learner.gradient_checkpointing=true"]
+                   "learner.gradient_checkpointing=true", "learner.mmap_threshold=0", "learner.allocator=glibc",
+                   "rollout.allocator=glibc"]
 
 
 def machine_busy() -> tuple[float, float]:

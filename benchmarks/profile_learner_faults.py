@@ -3,7 +3,11 @@ and system CPU seconds, minor page faults and peak RSS of each `Learner.train_st
 `bench_learner`'s batch (IPD-like games, both seats), with a run config's learner and overrides.
 
     python benchmarks/profile_learner_faults.py [--config configs/smoke.yaml] [--threads 2]
-        [--games 8] [--steps 3] [key.sub=value ...]      e.g. learner.mmap_threshold=0
+        [--games 8] [--steps 3] [--allocator glibc|jemalloc] [key.sub=value ...]   e.g. learner.mmap_threshold=0
+
+`--allocator jemalloc` restarts the script on jemalloc as a learner actor starts
+(`actors.allocator.preload_env`: Ray's copy, purging off); the learner then purges after each
+micro-batch, as in a run. The default is glibc, the process as started.
 
 A fixed small `learner.mmap_threshold` maps every large block fresh, so each step faults its pages
 in again; this shows what that costs on the machine at hand (sysdesign/benchmarks.md, session 15).
@@ -31,6 +35,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from bench_learner import make_table  # noqa: E402
 
+from actors import allocator  # noqa: E402
 from actors.device import node_cores  # noqa: E402
 from learner.learner import Learner  # noqa: E402
 from reciprocity.config import load_config  # noqa: E402
@@ -43,8 +48,11 @@ def main() -> dict:
     ap.add_argument("--threads", type=int, default=node_cores())
     ap.add_argument("--games", type=int, default=8)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--allocator", choices=("glibc", "jemalloc"), default="glibc")
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = ap.parse_args()
+    if args.allocator == "jemalloc" and allocator.loaded() != "jemalloc":  # preloaded only at a start
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **allocator.preload_env("jemalloc")})
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config, args.overrides)
     model_dir = Path(cfg.model.path).absolute()
@@ -62,6 +70,7 @@ def main() -> dict:
     return {"name": "learner_faults", "config": str(args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT)
                                                      else args.config),
             "overrides": args.overrides, "threads": args.threads, "games": args.games,
+            "allocator": allocator.loaded(),
             "environment": {k: os.environ.get(k) for k in ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_CONF")},
             "mmap_threshold": learner.config.mmap_threshold,
             "steps": steps}

@@ -8,7 +8,11 @@ threads, so sums round differently in the last bits; a sampled token can then di
 there the games. What must hold is that the layouts agree within the noise of the seeds: per
 metric, the mean over seeds of (default - previous) against the spread of the seeds themselves.
 
-    python benchmarks/thread_agreement.py [--seeds 0 42 1337] [--out runs/threads]
+    python benchmarks/thread_agreement.py [--seeds 0 42 1337] [--out runs/threads] [--previous KEY=VALUE ...]
+
+`--previous` puts other overrides in the previous layout's place, e.g. the memory settings before
+session 16 (`learner.allocator=glibc rollout.allocator=glibc learner.gradient_checkpointing=0.5`), where
+the threads are the same and every number must be bitwise equal.
 
 About 6 minutes a run on 2 idle cores (36 in all). Prints one JSON object (last line): per metric
 and iteration the values of both layouts per seed, `bitwise_equal`, and `mean_difference` against
@@ -30,10 +34,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 LAYOUTS = {"previous": ["learner.threads=1", "rollout.engine_threads=1"], "default": []}
 METRICS = ("cooperation_rate", "p_coop_given_opp_coop", "p_coop_given_opp_defect", "return_per_round",
-           "learner/loss", "learner/grad_norm", "learner/entropy", "invalid_rate")
+           "learner/loss", "learner/grad_norm", "learner/entropy", "learner/logp_abs_diff", "probe_error",
+           "invalid_rate")
 
 
-def train(out: Path, layout: str, seed: int) -> None:
+def train(out: Path, layout: str, seed: int, layouts: dict[str, list[str]]) -> None:
     name = f"{layout}-{seed}"
     if (out / "runs" / name / "checkpoints" / "it-000003").exists():
         return  # done before (the script resumes where it stopped)
@@ -41,7 +46,7 @@ def train(out: Path, layout: str, seed: int) -> None:
         rc = subprocess.run(
             [sys.executable, "-m", "reciprocity", "train", "--config", "configs/smoke.yaml", f"seed={seed}",
              f"run_name={name}", f"runs_dir={out / 'runs'}", f"tracking.uri=sqlite:///{out / 'mlflow.db'}",
-             "tracking.experiment=threads", *LAYOUTS[layout]],
+             "tracking.experiment=threads", *layouts[layout]],
             cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
     if rc != 0:
         raise SystemExit(f"run {name} failed ({rc}): {out / f'{name}.log'}")
@@ -62,25 +67,27 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 42, 1337])
     ap.add_argument("--out", type=Path, default=ROOT / "runs/threads")
+    ap.add_argument("--previous", nargs="+", metavar="KEY=VALUE", help="the previous layout's overrides")
     args = ap.parse_args()
+    layouts = {**LAYOUTS, "previous": args.previous} if args.previous else LAYOUTS
     out = args.out.absolute()
     out.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
-        for layout in LAYOUTS:
-            train(out, layout, seed)
+        for layout in layouts:
+            train(out, layout, seed, layouts)
     runs = histories(out)
     report: dict[str, Any] = {}
     for key in METRICS:
         steps = sorted({s for run in runs.values() for s in run.get(key, {})})
         for step in steps:
             values = {layout: [runs.get(f"{layout}-{seed}", {}).get(key, {}).get(step, np.nan) for seed in args.seeds]
-                      for layout in LAYOUTS}
+                      for layout in layouts}
             prev, new = np.array(values["previous"]), np.array(values["default"])
             report[f"{key}@{step}"] = {
                 **values, "bitwise_equal": bool(np.array_equal(prev, new)),
                 "mean_difference": float(np.nanmean(new - prev)), "seed_std": float(np.nanstd(prev, ddof=1)),
             }
-    print(json.dumps({"name": "thread_agreement", "seeds": args.seeds, "layouts": LAYOUTS, "metrics": report}))
+    print(json.dumps({"name": "thread_agreement", "seeds": args.seeds, "layouts": layouts, "metrics": report}))
 
 
 if __name__ == "__main__":
