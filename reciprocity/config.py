@@ -129,8 +129,8 @@ class Learner(Section):
     gradient_checkpointing: Literal["auto"] | bool | Annotated[float, Field(gt=0, le=1)] = "auto"
     # glibc's mmap threshold of a rank, in bytes, fixed (learner.set_mmap_threshold): large blocks are
     # mapped and given back whole instead of fragmenting the heap. auto: CPU_MMAP_THRESHOLD where the
-    # rank has no GPU, glibc's sliding default on GPU; 0: glibc's default. Memory only, no number
-    # changes (sysdesign/benchmarks.md)
+    # rank has no GPU, glibc's sliding default on GPU; 0: glibc's default. Only where the rank runs on
+    # glibc (allocator below). Memory only, no number changes (sysdesign/benchmarks.md)
     mmap_threshold: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
     # the malloc of a rank: jemalloc (Ray's copy, preloaded, with purging off and the free pages given
     # back after every step; actors/allocator.py) or glibc (with mmap_threshold). auto: jemalloc where
