@@ -19,7 +19,8 @@ Prints one JSON object (last line). Per layout:
     python benchmarks/bench_iteration.py [--iterations 3] [--single] [key.sub=value ...]
 
 By default (and so in `make bench`) it runs the previous layout (`PREVIOUS_LAYOUT`: one thread per
-phase, vLLM's CPU block size, every layer checkpointed, glibc's malloc as it comes) and the new default back to back on the same machine and adds
+phase, vLLM's CPU block size, every layer checkpointed, glibc's malloc as it comes) and the new
+default back to back on the same machine and adds
 `seconds_iteration_new_over_previous_ratio` (issue 15's target: <= 0.6). `--single` measures only
 the default layout with the overrides (e.g. `mode=async`). `--compare` names the default
 (the commands in sysdesign/benchmarks.md use it); the two exclude each other.
