@@ -133,8 +133,8 @@ class Learner(Section):
     # glibc (allocator below). Memory only, no number changes (sysdesign/benchmarks.md)
     mmap_threshold: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
     # the malloc of a rank: jemalloc (Ray's copy, preloaded, with purging off and the free pages given
-    # back after every step; actors/allocator.py) or glibc (with mmap_threshold). auto: jemalloc where
-    # the rank has no GPU. The smoke config's step: 12 s at 3.3 GiB against 34 s at 2.8 GiB with
+    # back after every micro-batch; actors/allocator.py) or glibc (with mmap_threshold). auto: jemalloc
+    # where the rank has no GPU. An 8-game learner step: 12 s at 3.3 GiB against 34 s at 2.8 GiB with
     # glibc on an EPYC (sysdesign/benchmarks.md). Memory and speed only: not fingerprinted
     allocator: Literal["auto", "glibc", "jemalloc"] = "auto"
     # torch threads of a rank. auto: in sync mode the cores of the rank's node shared among the ranks
