@@ -443,6 +443,18 @@ class VLLMEngine:
         shutil.rmtree(served.path, ignore_errors=True)
         self.probe_error.pop(key, None)
 
+    async def lora_fp32_counts(self) -> dict[str, int]:
+        """How often the CPU LoRA op reused a slot's fp32 weights, converted them (first use, or vLLM
+        wrote the slot since) or could not keep them (`fp32_transposed`), summed over the engine's
+        workers; empty where the op is not installed."""
+        if not self.cpu_lora_fixed:
+            return {}
+        counts: dict[str, int] = {}
+        for worker in await self._llm.collective_rpc("reciprocity_lora_fp32_counts"):
+            for name, n in worker.items():
+                counts[name] = counts.get(name, 0) + n
+        return counts
+
     def loaded(self) -> list[str]:
         """Keys of the servable adapter versions (the base model is always servable as None)."""
         return [k for k in self._served if k is not None]
@@ -637,8 +649,12 @@ class CPULoRAFix:
 
         return torch.get_num_threads()
 
+    def reciprocity_lora_fp32_counts(self) -> dict[str, int]:
+        return dict(FP32_COUNTS)
+
 
 _ORIGINAL_ADD_LORA_LOGITS: Any = None
+FP32_COUNTS = {"kept": 0, "converted": 0, "unversioned": 0}  # fp32_transposed's calls, this process
 _ORIGINAL_UPDATE_METADATA: Any = None
 
 
@@ -687,9 +703,9 @@ def grouped_add_lora_linear(
     Each slice's product is rounded to y's dtype and added into its own columns (no concatenated
     delta), a slot's rows are gathered with `index_select` and written back with `index_copy_` (not
     advanced indexing), and the rows of each slot are found once per engine step (`slot_rows`, kept
-    until `update_metadata_forget_slots`), not once per layer: the same element-wise operations on
-    the same matmul results as the first version, so the same numbers, in less time
-    (benchmarks.md, "LoRA on CPU")."""
+    until `update_metadata_forget_slots`), not once per layer, and each slot's fp32 A and B are kept
+    until vLLM writes them (`fp32_transposed`): the same element-wise operations on the same matmul
+    results as the first version, so the same numbers, in less time (benchmarks.md, "LoRA on CPU")."""
     x2, y2 = x.view(-1, x.shape[-1]), y.view(-1, y.shape[-1])
     cached = getattr(self, "reciprocity_slot_rows", None)  # reset to None every step by the hook
     if cached is None or cached[0] != x2.shape[0]:
@@ -701,8 +717,30 @@ def grouped_add_lora_linear(
         out = y2 if rows is None else y2.index_select(0, rows)
         offset = 0
         for a, b, width in zip(lora_a_stacked, lora_b_stacked, output_slices, strict=True):
-            part = ((xs @ a[slot, 0].float().T) * scale) @ b[slot, 0].float().T
+            part = ((xs @ fp32_transposed(self, a, slot)) * scale) @ fp32_transposed(self, b, slot)
             out[:, offset:offset + width] += part.to(y2.dtype)
             offset += width
         if rows is not None:
             y2.index_copy_(0, rows, out)
+
+
+def fp32_transposed(self: Any, stacked: Any, slot: int) -> Any:
+    """`stacked[slot, 0].float().T`, kept from one call to the next while vLLM has not written
+    `stacked` since (torch's version counter, which every in-place write bumps: vLLM's `set_lora`
+    copies an adapter in, `reset_lora` zeroes a slot). The key holds the stacked tensor itself, so
+    its id cannot be reused while cached. A tensor without a version counter (made in inference
+    mode) is converted on every call, as before: a stale copy would serve the wrong adapter."""
+    try:
+        version = stacked._version
+    except RuntimeError:  # an inference tensor
+        FP32_COUNTS["unversioned"] += 1
+        return stacked[slot, 0].float().T
+    cache = self.__dict__.setdefault("reciprocity_fp32", {})
+    hit = cache.get((id(stacked), slot))
+    if hit is not None and hit[0] is stacked and hit[1] == version:
+        FP32_COUNTS["kept"] += 1
+        return hit[2]
+    FP32_COUNTS["converted"] += 1
+    weights = stacked[slot, 0].float().T
+    cache[(id(stacked), slot)] = (stacked, version, weights)
+    return weights

@@ -111,3 +111,53 @@ def test_rows_are_found_once_per_step_and_forgotten_by_the_metadata_hook(hooked:
     grouped_add_lora_linear(wrapper, new, x, lora_a, lora_b, 2.0, outs)
     torch.testing.assert_close(new, per_token(y, x, lora_a, lora_b, 2.0, second), atol=2e-2, rtol=2e-2)
     assert torch.equal(new[1], y[1])  # the second step's base token, untouched
+
+
+def test_fp32_weights_are_kept_until_vllm_writes_the_slot() -> None:
+    """Each slot's fp32 A and B are converted once and reused, until an in-place write to the stacked
+    tensor (vLLM's `set_lora` copies a new adapter into a slot, `reset_lora` zeroes one, under
+    inference mode): the next call must then compute with the new weights, bit for bit as the first
+    version does."""
+    outs = (24, 8, 8)
+    x, y, lora_a, lora_b = layer(11, 16, outs, 6)
+    indices = [0, 1, 1, -1, 0, 2]
+    wrapper = types.SimpleNamespace(token_lora_indices=torch.tensor(indices), reciprocity_slot_rows=None)
+
+    def step() -> torch.Tensor:
+        wrapper.reciprocity_slot_rows = None  # a new engine step
+        new, old = y.clone(), y.clone()
+        grouped_add_lora_linear(wrapper, new, x, lora_a, lora_b, 2.0, outs)
+        first_version(wrapper, old, x, lora_a, lora_b, 2.0, outs)
+        assert torch.equal(new, old)
+        return new
+
+    before = step()
+    kept = {key: entry[2] for key, entry in wrapper.reciprocity_fp32.items()}
+    assert len(kept) == 2 * len(outs) * 3  # A and B of every slice, for the 3 slots present
+    step()
+    assert all(wrapper.reciprocity_fp32[key][2] is weights for key, weights in kept.items())  # reused
+
+    g = torch.Generator().manual_seed(99)
+    with torch.inference_mode():  # as vLLM loads an adapter into slot 1
+        lora_b[0][1, 0, :, :].copy_(torch.randn(outs[0], RANK, generator=g).to(torch.bfloat16))
+        lora_a[2][2] = 0  # as vLLM's reset_lora empties slot 2
+    after = step()
+    slot1 = [t for t, s in enumerate(indices) if s == 1]
+    slot2 = [t for t, s in enumerate(indices) if s == 2]
+    assert not torch.equal(after[slot1, : outs[0]], before[slot1, : outs[0]])  # the new adapter serves
+    assert torch.equal(after[slot2, 24 + 8:], y[slot2, 24 + 8:])  # the emptied slice adds nothing
+    assert torch.equal(after[[0, 4]], before[[0, 4]])  # slot 0, not written, unchanged
+
+
+def test_tensors_without_a_version_counter_are_converted_on_every_call() -> None:
+    """Stacked tensors made in inference mode have no version counter, so a write could not be seen:
+    nothing is kept, and the numbers are the first version's."""
+    outs = (24,)
+    with torch.inference_mode():
+        x, y, lora_a, lora_b = layer(5, 16, outs, 4)
+        wrapper = types.SimpleNamespace(token_lora_indices=torch.tensor([0, 1, 1, 0]))
+        new, old = y.clone(), y.clone()
+        grouped_add_lora_linear(wrapper, new, x, lora_a, lora_b, 2.0, outs)
+        first_version(wrapper, old, x, lora_a, lora_b, 2.0, outs)
+    assert torch.equal(new, old)
+    assert not getattr(wrapper, "reciprocity_fp32", {})

@@ -431,8 +431,17 @@ def test_two_adapters_and_base_in_one_batch(
 
     for g in loop.run(batch()):
         assert g.token_ids == solo[g.adapter], g.adapter
+    if engine.cpu_lora_fixed:  # the op kept each slot's fp32 weights between steps: vLLM's tensors have versions
+        counts = loop.run(engine.lora_fp32_counts())
+        assert counts["unversioned"] == 0 and counts["kept"] > counts["converted"] > 0, counts
     loop.run(engine.unload_adapter(ka))
     loop.run(engine.unload_adapter(kb))
+    if engine.cpu_lora_fixed:  # a new adapter in a slot used before is converted again, and serves its own outputs
+        before = loop.run(engine.lora_fp32_counts())["converted"]
+        kc = loop.run(engine.load_adapter(version_of(adapters["b"], "pair", 3, tiny_model_dir)))
+        assert loop.run(engine.generate(PROMPT, GREEDY, kc)).token_ids == solo[kb]
+        assert loop.run(engine.lora_fp32_counts())["converted"] > before
+        loop.run(engine.unload_adapter(kc))
 
 
 @pytest.mark.slow
