@@ -83,6 +83,8 @@ def _bundle(cpus: float, gpus: float) -> dict[str, float]:
 class Placement:
     worker_pg: PlacementGroup
     learner_pg: PlacementGroup
+    worker_malloc: allocator.Allocator  # resolved once, here: the actors start on it, the report checks it
+    learner_malloc: allocator.Allocator
 
     def remove(self) -> None:
         for pg in (self.worker_pg, self.learner_pg):
@@ -95,7 +97,7 @@ class Placement:
             "max_restarts": WORKER_MAX_RESTARTS,
             "max_task_retries": 0,  # a lost `run` is re-planned by the driver (game ids stay exact)
             "scheduling_strategy": PlacementGroupSchedulingStrategy(self.worker_pg, index),
-            **_malloc_options(allocator.resolve(cfg.rollout.allocator, cfg.rollout.gpus_per_worker)),
+            **_malloc_options(self.worker_malloc),
         }
 
     def learner_options(self, rank: int, cfg: Config) -> dict[str, Any]:
@@ -103,7 +105,7 @@ class Placement:
             "num_cpus": cfg.learner.cpus_per_rank,
             "num_gpus": cfg.learner.gpus_per_rank,
             "scheduling_strategy": PlacementGroupSchedulingStrategy(self.learner_pg, rank),
-            **_malloc_options(allocator.resolve(cfg.learner.allocator, cfg.learner.gpus_per_rank)),
+            **_malloc_options(self.learner_malloc),
         }
 
 
@@ -119,7 +121,9 @@ def place(cfg: Config) -> Placement:
                               * cfg.rollout.workers, strategy="SPREAD", name=f"{cfg.run_name}-rollout")
     learners = placement_group([_bundle(cfg.learner.cpus_per_rank, cfg.learner.gpus_per_rank)]
                                * cfg.learner.ranks, strategy="PACK", name=f"{cfg.run_name}-learner")
-    return Placement(_ready(workers, "rollout workers"), _ready(learners, "learner ranks"))
+    return Placement(_ready(workers, "rollout workers"), _ready(learners, "learner ranks"),
+                     allocator.resolve(cfg.rollout.allocator, cfg.rollout.gpus_per_worker),
+                     allocator.resolve(cfg.learner.allocator, cfg.learner.gpus_per_rank))
 
 
 class Located:

@@ -59,7 +59,7 @@ from rich.console import Console
 from rich.table import Table
 
 import envs
-from actors import allocator, trajectories
+from actors import trajectories
 from actors.adapters import AdapterRef, AdapterStore
 from actors.chat import ChatTemplate
 from actors.pool import OpponentPool
@@ -596,13 +596,11 @@ class Trainer:
                                            progress_group=launcher.PROGRESS_GROUP)
 
     def _report_placement(self) -> None:
-        cfg = self.cfg
         table = Table(title="placement")
         for col in ("actor", "node ip", "node id", "pid", "malloc"):
             table.add_column(col)
         self.nodes: dict[str, str] = {}
-        wanted = {"rollout worker": allocator.resolve(cfg.rollout.allocator, cfg.rollout.gpus_per_worker),
-                  "learner rank": allocator.resolve(cfg.learner.allocator, cfg.learner.gpus_per_rank)}
+        wanted = {"rollout worker": self.placement.worker_malloc, "learner rank": self.placement.learner_malloc}
         for role, i, where in [*(("rollout worker", i, w) for i, w in enumerate(self.workers.nodes())),
                                *(("learner rank", r, a) for r, a in enumerate(self.learners.nodes()))]:
             name = f"{role} {i}"
