@@ -517,10 +517,13 @@ def set_mmap_threshold(nbytes: int) -> bool:
     freed blocks fragment it and are not given back: a CPU learner's RSS then climbs far above what
     it holds (the smoke config: 4.2 GB peak against 1.7 GB with the threshold fixed;
     sysdesign/benchmarks.md). Blocks at or above a fixed threshold are mapped and unmapped whole.
-    Allocation only: no number changes."""
+    Allocation only: no number changes. False, and nothing set, in a process on jemalloc
+    (`actors.allocator`): glibc's threshold means nothing there."""
     import ctypes
     import ctypes.util
 
+    if allocator.loaded() == "jemalloc":
+        return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt

@@ -58,14 +58,17 @@ held = rss()
 del block
 freed = rss()
 released = allocator.release_free_memory()
-print(json.dumps({"loaded": allocator.loaded(), "held": held, "freed": freed, "released": released, "after": rss()}))
+after = rss()
+from learner.learner import set_mmap_threshold  # glibc's mallopt: set on glibc only (imports torch: after rss)
+print(json.dumps({"loaded": allocator.loaded(), "held": held, "freed": freed, "released": released, "after": after,
+                  "threshold_set": set_mmap_threshold(131072)}))
 """
     je = json.loads(_run(probe, malloc="jemalloc"))
-    assert je["loaded"] == "jemalloc" and je["released"] is True
+    assert je["loaded"] == "jemalloc" and je["released"] is True and je["threshold_set"] is False
     assert je["freed"] > je["held"] - 64  # kept for reuse
     assert je["after"] < je["held"] - 448  # given back
     glibc = json.loads(_run(probe, malloc="glibc"))
-    assert glibc["loaded"] == "glibc" and glibc["released"] is False
+    assert glibc["loaded"] == "glibc" and glibc["released"] is False and glibc["threshold_set"] is True
 
 
 STEPS = """
