@@ -276,6 +276,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.store = AdapterStore(checkpoint.adapter_store(self.run_dir))
         self._previous: str | None = None  # sha256 of the version current before the last publish
+        self._logged: set[int] = set()  # adapter versions this process logged to MLflow (adapters/v<N>)
         launcher.init_ray(address)
         tags = {"model_sha": model_sha(Path(cfg.model.path)) or "unprepared", "game": cfg.game.name,
                 "method": cfg.method.name}
@@ -487,13 +488,18 @@ class Trainer:
         page = transcripts_html(table, self.template.decode, f"{cfg.run_name}: evaluation at iteration "
                                 f"{self.iteration} ({current.key})", max_games=2 * len(cfg.evaluation.opponents))
         self.tracker.log_text(page, f"transcripts/eval-it{self.iteration:04d}.html")
+        self.log_adapter(current)  # the evaluated version can be played again: run:ID@N
         out["seconds/evaluate"] = time.perf_counter() - t0
         return out
 
     def log_adapter(self, version: AdapterRef) -> None:
         """The adapter files of `version` as MLflow artifacts `adapters/v<N>/` (for `run:ID@N` specs),
         copied from the adapter store (file to file: the driver does not read the adapter). The two
-        PEFT files only: not the store's per-node verification records next to them."""
+        PEFT files only: not the store's per-node verification records next to them. Logged for
+        every buffer snapshot, every evaluated version and the last one; once per version."""
+        if version.version in self._logged:
+            return
+        self._logged.add(version.version)
         for name in ("adapter_config.json", "adapter_model.safetensors"):
             self.tracker.log_artifact(Path(version.uri) / name, f"adapters/v{version.version}")
 

@@ -28,8 +28,9 @@ def test_train_two_iterations_then_resume(ray_local, tiny_model_dir: Path, tmp_p
     from reciprocity.train import run
 
     overrides = tiny_overrides(tiny_model_dir, tmp_path)
-    evaluation = ["evaluation.every=2", "evaluation.games=2",
-                  "evaluation.opponents=[scripted:always_defect, self]"]
+    # evaluated after every update; frozen into the buffer every second: v1 is evaluated, not frozen
+    evaluation = ["evaluation.every=1", "evaluation.games=2",
+                  "evaluation.opponents=[scripted:always_defect, self]", "buffer.snapshot_every=2"]
     cfg = load_config(Path("configs/smoke.yaml"), [*overrides, *evaluation])
     history = run(cfg)
     assert [h["iteration"] for h in history] == [0, 1]
@@ -49,35 +50,35 @@ def test_train_two_iterations_then_resume(ray_local, tiny_model_dir: Path, tmp_p
     assert 0.0 <= coop[0].value <= 1.0
     assert client.get_metric_history(run_id, "learner/grad_norm")
 
-    # periodic evaluation after iteration 1 (every 2): the agent's figures against each opponent
-    assert "eval/always_defect/cooperation_rate" not in history[0]
-    assert 0.0 <= history[1]["eval/always_defect/cooperation_rate"] <= 1.0
+    # periodic evaluation after each iteration: the agent's figures against each opponent
+    assert [h["snapshot"] for h in history] == [0, 1]
+    assert all(0.0 <= h["eval/always_defect/cooperation_rate"] <= 1.0 for h in history)
     assert history[1]["eval/always_defect/opponent_return_per_round"] >= history[1][
         "eval/always_defect/return_per_round"]  # always-defect never scores less than its opponent
     assert "eval/self/return_per_round" in history[1]
-    assert [m.step for m in client.get_metric_history(run_id, "eval/self/return_per_round")] == [1]
+    assert [m.step for m in client.get_metric_history(run_id, "eval/self/return_per_round")] == [0, 1]
 
-    # artifacts: config, snapshots (v1, v2) and the final adapter, the eval transcript, the curves
+    # artifacts: config, the evaluated v1, the snapshot and final v2, the eval transcripts, the curves
     def listing(path: str = "") -> set[str]:
         return {f.path for f in client.list_artifacts(run_id, path)}
 
     assert {"config.yaml", "adapters", "transcripts", "plots"} <= listing()
     assert {"adapters/v1", "adapters/v2"} <= listing("adapters")
     assert "adapters/v2/adapter_model.safetensors" in listing("adapters/v2")
-    assert listing("transcripts") == {"transcripts/eval-it0002.html"}
+    assert listing("transcripts") == {"transcripts/eval-it0001.html", "transcripts/eval-it0002.html"}
     assert listing("plots") == {"plots/curves.png"}
     page = Path(client.download_artifacts(run_id, "transcripts/eval-it0002.html", str(tmp_path))).read_text()
     assert "always_defect" in page and 'class="gen"' in page and "<script" not in page
 
     # resume: one more iteration continues the same MLflow run from the checkpoint
-    cfg3 = load_config(Path("configs/smoke.yaml"), [*overrides, "iterations=3"])
+    cfg3 = load_config(Path("configs/smoke.yaml"), [*overrides, "buffer.snapshot_every=2", "iterations=3"])
     history3 = run(cfg3, resume=run_dir)
     assert [h["iteration"] for h in history3] == [2]
     assert history3[0]["version"] == 3
     assert [m.step for m in client.get_metric_history(run_id, "cooperation_rate")] == [0, 1, 2]
     assert len(client.search_runs([runs[0].info.experiment_id])) == 1
 
-    # exploiter training: a fresh naive learner against the frozen snapshot v1 of that run (run:ID@1)
+    # exploiter training: a fresh naive learner against the evaluated v1 of that run (run:ID@1)
     exploit = [*tiny_overrides(tiny_model_dir, tmp_path, run_name="exploit"), "iterations=1", "checkpoint.every=1",
                f"opponent=run:{run_id}@1", "method.name=naive", "buffer.enabled=false"]
     hx = run(load_config(Path("configs/exploit_ipd_cpu.yaml"), exploit))
