@@ -71,10 +71,12 @@ def test_train_two_iterations_then_resume(ray_local, tiny_model_dir: Path, tmp_p
     assert "always_defect" in page and 'class="gen"' in page and "<script" not in page
 
     # resume: one more iteration continues the same MLflow run from the checkpoint
-    cfg3 = load_config(Path("configs/smoke.yaml"), [*overrides, "buffer.snapshot_every=2", "iterations=3"])
+    # (evaluated every second update now: not after the third)
+    cfg3 = load_config(Path("configs/smoke.yaml"), [*overrides, *evaluation, "evaluation.every=2", "iterations=3"])
     history3 = run(cfg3, resume=run_dir)
     assert [h["iteration"] for h in history3] == [2]
     assert history3[0]["version"] == 3
+    assert not [k for k in history3[0] if k.startswith("eval/")]
     assert [m.step for m in client.get_metric_history(run_id, "cooperation_rate")] == [0, 1, 2]
     assert len(client.search_runs([runs[0].info.experiment_id])) == 1
 
