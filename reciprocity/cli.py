@@ -8,7 +8,16 @@ from typing import Annotated
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, callback=lambda: _redact_logs())
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, callback=lambda: _setup())
+
+
+def _setup() -> None:
+    """Before any command: MKL in its reproducible mode (for this process and the engines it starts)
+    and the secret redaction of log records."""
+    from actors.device import reproducible_blas
+
+    reproducible_blas()
+    _redact_logs()
 
 
 def _redact_logs() -> None:

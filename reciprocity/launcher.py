@@ -15,7 +15,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from actors import allocator
+from actors import allocator, device
 from reciprocity import quiet
 from reciprocity.config import Config
 
@@ -23,7 +23,8 @@ WORKER_MAX_RESTARTS = 3
 PROGRESS_GROUP = "progress"  # learner ranks: a concurrency group for the driver's progress polls
 PLACEMENT_TIMEOUT_S = 120.0
 
-# Environment every actor needs (MLflow URI, vLLM's CPU KV cache, no Ray usage stats).
+# Environment every actor needs (MLflow URI, vLLM's CPU KV cache, no Ray usage stats); and MKL's
+# reproducible mode (`actors.device.reproducible_blas`), which a cluster node's own environment lacks.
 PASSED_ENV = ("MLFLOW_TRACKING_URI", "VLLM_CPU_KVCACHE_SPACE", "TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS",
               "RAY_AUTH_MODE", "VLLM_LOGGING_LEVEL", quiet.LOG_ENV)
 
@@ -38,7 +39,7 @@ def init_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
-    env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
+    env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ} | device.reproducible_blas()
     runtime_env: dict[str, Any] = {"env_vars": env}
     quiet_logs = quiet.log_file() is not None  # the workers' logs go to the command's log file
     if quiet_logs:
@@ -97,7 +98,7 @@ class Placement:
             "max_restarts": WORKER_MAX_RESTARTS,
             "max_task_retries": 0,  # a lost `run` is re-planned by the driver (game ids stay exact)
             "scheduling_strategy": PlacementGroupSchedulingStrategy(self.worker_pg, index),
-            **_malloc_options(self.worker_malloc),
+            **_process_options(self.worker_malloc),
         }
 
     def learner_options(self, rank: int, cfg: Config) -> dict[str, Any]:
@@ -105,15 +106,15 @@ class Placement:
             "num_cpus": cfg.learner.cpus_per_rank,
             "num_gpus": cfg.learner.gpus_per_rank,
             "scheduling_strategy": PlacementGroupSchedulingStrategy(self.learner_pg, rank),
-            **_malloc_options(self.learner_malloc),
+            **_process_options(self.learner_malloc),
         }
 
 
-def _malloc_options(malloc: allocator.Allocator) -> dict[str, Any]:
-    """An actor's options that start its process on `malloc` (its runtime_env's environment,
-    merged by Ray with the job's: PASSED_ENV and the log hook stay)."""
-    env = allocator.preload_env(malloc)
-    return {"runtime_env": {"env_vars": env}} if env else {}
+def _process_options(malloc: allocator.Allocator) -> dict[str, Any]:
+    """An actor's options that start its process on `malloc` and with MKL's reproducible mode,
+    whoever started Ray (its runtime_env's environment, merged by Ray with the job's: PASSED_ENV
+    and the log hook stay)."""
+    return {"runtime_env": {"env_vars": allocator.preload_env(malloc) | device.reproducible_blas()}}
 
 
 def place(cfg: Config) -> Placement:
@@ -132,7 +133,7 @@ class Located:
     def node(self) -> dict[str, str]:
         ctx = ray.get_runtime_context()
         return {"ip": ray.util.get_node_ip_address(), "node_id": ctx.get_node_id(), "pid": str(os.getpid()),
-                "allocator": allocator.loaded()}
+                "allocator": allocator.loaded(), "mkl_cbwr": os.environ.get("MKL_CBWR", "")}
 
 
 def actor_class(cls: type, **options: Any) -> Any:

@@ -43,6 +43,7 @@ Periodic evaluation (`evaluation.every`): the current adapter plays each evaluat
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import tempfile
 import threading
@@ -603,18 +604,23 @@ class Trainer:
 
     def _report_placement(self) -> None:
         table = Table(title="placement")
-        for col in ("actor", "node ip", "node id", "pid", "malloc"):
+        for col in ("actor", "node ip", "node id", "pid", "malloc", "MKL CNR"):
             table.add_column(col)
         self.nodes: dict[str, str] = {}
         wanted = {"rollout worker": self.placement.worker_malloc, "learner rank": self.placement.learner_malloc}
+        cnr = os.environ.get("MKL_CBWR", "")  # the driver's (actors.device.reproducible_blas), passed to the actors
         for role, i, where in [*(("rollout worker", i, w) for i, w in enumerate(self.workers.nodes())),
                                *(("learner rank", r, a) for r, a in enumerate(self.learners.nodes()))]:
             name = f"{role} {i}"
             self.nodes[name] = where["node_id"]
-            table.add_row(name, where["ip"], where["node_id"][:12], where["pid"], where["allocator"])
+            table.add_row(name, where["ip"], where["node_id"][:12], where["pid"], where["allocator"],
+                          "strict" if where["mkl_cbwr"] == "AUTO,STRICT" else where["mkl_cbwr"] or "off")
             if where["allocator"] != wanted[role]:  # e.g. Ray installed elsewhere on that node: LD_PRELOAD ignored
                 console.print(f"[yellow]warning:[/] {name} runs on {where['allocator']}, not the {wanted[role]} "
                               "its config asks for (memory and speed only)")
+            if where["mkl_cbwr"] != cnr:
+                console.print(f"[yellow]warning:[/] {name} runs MKL with MKL_CBWR={where['mkl_cbwr']!r}, not the "
+                              f"driver's {cnr!r}: its numbers may not repeat bit for bit")
         console.print(table)
 
     def close(self) -> None:

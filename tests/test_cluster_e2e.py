@@ -26,6 +26,7 @@ def ray_env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", PATH=f"{BIN}:{env.get('PATH', '')}")
     env.pop("RAY_ADDRESS", None)
+    env.pop("MKL_CBWR", None)  # the nodes' own environment lacks it: the job's runtime env must bring it
     return env
 
 
@@ -90,6 +91,9 @@ def test_ray_job_submit_on_two_nodes_trains_spreads_workers_and_logs_to_mlflow(t
     placement = _placement(log)
     assert set(placement) == {"rollout worker 0", "rollout worker 1", "learner rank 0"}, log[-4000:]
     assert placement["rollout worker 0"] != placement["rollout worker 1"]  # SPREAD: one worker per node
+    strict = {m.group(1) for line in log.splitlines()
+              if (m := re.search(r"((?:rollout worker|learner rank) \d+)\W.*\Wstrict\W", line))}
+    assert strict == set(placement), log[-4000:]  # MKL's reproducible mode on both nodes' actors
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("reciprocity").experiment_id])
     assert run.info.status == "FINISHED"

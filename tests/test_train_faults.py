@@ -114,6 +114,9 @@ def test_async_iterations_overlap_with_staleness_one(make_trainer) -> None:
     engines = psutil.Process(_pid(trainer.workers[0])).children(recursive=True)
     assert engines and all("libjemalloc" in Path(f"/proc/{e.pid}/maps").read_text() for e in engines)
     assert all(h["learner/time_release_s"] >= 0 for h in history)
+    # every actor and engine process runs MKL in its reproducible mode (actors.device.reproducible_blas)
+    assert {n["mkl_cbwr"] for n in [*trainer.workers.nodes(), *trainer.learners.nodes()]} == {"AUTO,STRICT"}
+    assert all(b"MKL_CBWR=AUTO,STRICT\0" in Path(f"/proc/{e.pid}/environ").read_bytes() for e in engines)
 
 
 def test_learner_killed_restores_from_checkpoint_and_finishes(make_trainer) -> None:
