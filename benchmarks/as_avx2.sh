@@ -6,6 +6,8 @@
 #   - torch's kernels, oneDNN and MKL capped at AVX2.
 # vLLM still loads its AVX-512 kernels (it asks the CPU itself) and the cores, clock and memory stay
 # this machine's: an estimate, not the machine. sysdesign/benchmarks.md has how close it comes.
+# On a CPU with AMX, vLLM still sees AMX (it asks torch.cpu._is_amx_tile_supported) and a bf16 engine
+# crashes in its AMX kernel under the caps: the few tests that start vLLM in bf16 fail here only.
 #   sudo benchmarks/as_avx2.sh make test
 set -euo pipefail
 flags=$(mktemp)
