@@ -1,6 +1,7 @@
 """What the machine computes natively, how many cores a process may use, and how its BLAS must run.
 One check of bf16, one count of cores and one BLAS setting for the whole project: the rollout engine
-(actors/vllm_engine.py), the learner (learner/learner.py) and `reciprocity doctor` ask them."""
+(actors/vllm_engine.py), the learner (learner/learner.py) and `reciprocity doctor` ask the first two;
+the CLI and the launcher (reciprocity/launcher.py) set the third for every process of a run."""
 
 from __future__ import annotations
 
