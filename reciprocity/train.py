@@ -60,7 +60,7 @@ from rich.console import Console
 from rich.table import Table
 
 import envs
-from actors import trajectories
+from actors import device, trajectories
 from actors.adapters import AdapterRef, AdapterStore
 from actors.chat import ChatTemplate
 from actors.pool import OpponentPool
@@ -614,7 +614,8 @@ class Trainer:
             name = f"{role} {i}"
             self.nodes[name] = where["node_id"]
             table.add_row(name, where["ip"], where["node_id"][:12], where["pid"], where["allocator"],
-                          "strict" if where["mkl_cbwr"] == "AUTO,STRICT" else where["mkl_cbwr"] or "off")
+                          "strict" if where["mkl_cbwr"] == device.REPRODUCIBLE_BLAS_ENV["MKL_CBWR"]
+                          else where["mkl_cbwr"] or "off")
             if where["allocator"] != wanted[role]:  # e.g. Ray installed elsewhere on that node: LD_PRELOAD ignored
                 console.print(f"[yellow]warning:[/] {name} runs on {where['allocator']}, not the {wanted[role]} "
                               "its config asks for (memory and speed only)")
